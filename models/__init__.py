@@ -1,0 +1,1 @@
+"""MMDL: multimodal multitask encoders for chest X-ray retrieval (Yu et al., MICCAI 2021)."""
