@@ -1,0 +1,73 @@
+"""Reading the TOML file and turning every validation problem into a message with its key path."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.settings import Settings
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``problems`` lists each one as 'key.path: message'."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] != "missing" and not isinstance(item.get("input"), dict):
+            message = f"{message}, got {item.get('input')!r}"
+        problems.append(f"{_key_path(item['loc'])}: {message}")
+    return problems
+
+
+def settings_from_mapping(data: dict[str, Any], source: str = "<settings>", base_dir: Path | None = None) -> Settings:
+    """Validate a mapping; relative paths are taken relative to ``base_dir`` (the file's folder)."""
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(source, _problems(error)) from None
+    if base_dir is None:
+        return settings
+    node = settings.node
+    changes: dict[str, Any] = {}
+    if not node.data_dir.is_absolute():
+        changes["node"] = node.model_copy(update={"data_dir": (base_dir / node.data_dir).resolve()})
+    if settings.model.path is not None and not settings.model.path.is_absolute():
+        changes["model"] = settings.model.model_copy(update={"path": (base_dir / settings.model.path).resolve()})
+    return settings.model_copy(update=changes)
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Load and validate the TOML file at ``path``; None gives the embedded defaults."""
+    if path is None:
+        return settings_from_mapping({}, base_dir=Path.cwd())
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(str(path), [f"not valid TOML: {error}"]) from None
+    return settings_from_mapping(data, source=str(path), base_dir=path.resolve().parent)

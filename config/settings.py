@@ -1,0 +1,142 @@
+"""The node's settings: one validated object, built from one TOML file or from the defaults."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+_AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title is 1-16 characters of the default repertoire, no backslash or control codes."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("must not be empty or only spaces")
+    if len(stripped) > 16:
+        raise ValueError("must be at most 16 characters")
+    if _AE_FORBIDDEN.search(stripped) or not stripped.isascii():
+        raise ValueError("must be printable ASCII without backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The application entity: who it is, where it listens, where it keeps data."""
+
+    ae_title: AETitle = "MMDL_NODE"
+    similar_ae_title: AETitle = "MMDL_SIMILAR"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    data_dir: Path = Path("mmdl-data")
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 25
+    max_pdu_size: Annotated[int, Field(ge=0)] = 262144
+    acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    network_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+
+    @model_validator(mode="after")
+    def _distinct_titles(self) -> NodeSettings:
+        if self.ae_title == self.similar_ae_title:
+            raise ValueError("ae_title and similar_ae_title must differ")
+        return self
+
+
+class Peer(_Section):
+    """A DICOM node the node may send to (C-MOVE destination)."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class AccessSettings(_Section):
+    allowed_calling_aets: list[AETitle] = []
+
+
+class CatalogSettings(_Section):
+    """Any SQLAlchemy URL; empty means SQLite (WAL) at <data_dir>/catalog.sqlite3."""
+
+    url: str = ""
+
+
+class IndexSettings(_Section):
+    """HNSW parameters (hnswlib, cosine space) and how often the index is snapshotted."""
+
+    m: Annotated[int, Field(ge=4, le=128)] = 32
+    ef_construction: Annotated[int, Field(ge=10, le=2000)] = 200
+    ef_search: Annotated[int, Field(ge=10, le=5000)] = 128
+    snapshot_interval_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class SchedulerSettings(_Section):
+    """The embedding job: how often it looks for pending items and how many it takes at once."""
+
+    interval_s: Annotated[float, Field(gt=0)] = 2.0
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    decode_workers: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class ModelSettings(_Section):
+    """Which MMDL model directory to load (empty: the shipped one) and on which device."""
+
+    path: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class QuerySettings(_Section):
+    """Defaults of the similar-case query, which a query can override within the limits."""
+
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 10
+    max_top_k: Annotated[int, Field(ge=1, le=1000)] = 100
+    min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
+    exclude_same_patient: bool = False
+
+    @model_validator(mode="after")
+    def _k_within_limit(self) -> QuerySettings:
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed max_top_k ({self.max_top_k})")
+        return self
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_phi: bool = False
+
+
+class Settings(_Section):
+    """Everything the node needs, validated; handed to every other package."""
+
+    node: NodeSettings = NodeSettings()
+    peers: list[Peer] = []
+    access: AccessSettings = AccessSettings()
+    catalog: CatalogSettings = CatalogSettings()
+    index: IndexSettings = IndexSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    model: ModelSettings = ModelSettings()
+    query: QuerySettings = QuerySettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _unique_peers(self) -> Settings:
+        titles = [peer.ae_title for peer in self.peers]
+        duplicates = sorted({t for t in titles if titles.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"peers: AE titles must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+    @property
+    def catalog_url(self) -> str:
+        return self.catalog.url or f"sqlite:///{self.node.data_dir / 'catalog.sqlite3'}"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)

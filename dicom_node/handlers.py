@@ -1,0 +1,220 @@
+"""pynetdicom event handlers: thin functions that get their dependencies as arguments (House style).
+
+The node's errors are mapped to DICOM statuses here, in one place.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext, build_context
+from sqlalchemy.orm import Session
+
+from config.settings import Settings
+from dicom_node.errors import NodeError
+from dicom_node.identifiers import instance_values, response, series_values, study_values
+from dicom_node.ingest import Ingestor
+from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
+from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
+from dicom_node.sop_classes import UNCOMPRESSED
+from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, Status
+from dicom_node.storage import FileStore
+from indexer.catalog import Catalog
+from indexer.vector_index import VectorIndex
+
+LOG = logging.getLogger(__name__)
+Answer = tuple[Any, Dataset | None]
+
+
+@dataclass
+class Services:
+    """What the handlers need, handed to them when they are bound."""
+
+    settings: Settings
+    catalog: Catalog
+    store: FileStore
+    ingestor: Ingestor
+    index: VectorIndex
+
+
+def status(code: Status, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = int(code)
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def called_ae(event: Event) -> str:
+    return event.assoc.acceptor.ae_title.strip()
+
+
+def calling_ae(event: Event) -> str:
+    return event.assoc.requestor.ae_title.strip()
+
+
+def handle_requested(event: Event, services: Services) -> None:
+    """Association policy: answer for our AE titles only, and only to allowed callers."""
+    request = event.assoc.requestor.primitive
+    called = request.called_ae_title.strip()
+    calling = request.calling_ae_title.strip()
+    node = services.settings.node
+    allowed = services.settings.access.allowed_calling_aets
+    if called not in (node.ae_title, node.similar_ae_title):
+        LOG.warning("association from %s rejected: called AE title %s is not served here", calling, called)
+        event.assoc.acse.send_reject(*REJECT_CALLED_AET)
+    elif allowed and calling not in allowed:
+        LOG.warning("association from %s rejected: calling AE title not allowed", calling)
+        event.assoc.acse.send_reject(*REJECT_CALLING_AET)
+    else:
+        event.assoc.acceptor.ae_title = called
+
+
+def handle_echo(event: Event) -> int:
+    return Status.SUCCESS
+
+
+def handle_store(event: Event, services: Services) -> Dataset:
+    """Write the dataset exactly as received, catalog it, and only then answer success."""
+    try:
+        ds = event.dataset
+    except Exception as error:  # a malformed encoding can raise many error types inside pydicom
+        LOG.warning("C-STORE from %s: dataset cannot be parsed (%s)", calling_ae(event), type(error).__name__)
+        return status(Status.CANNOT_UNDERSTAND, "dataset cannot be parsed")
+    result = services.ingestor.ingest(
+        ds,
+        event.encoded_dataset(include_meta=True),
+        sop_class_uid=event.context.abstract_syntax,
+        transfer_syntax=event.context.transfer_syntax,
+        calling_ae=calling_ae(event),
+    )
+    if result.status is not Status.SUCCESS:
+        LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae(event), result.status, result.comment)
+    return status(result.status, result.comment)
+
+
+def handle_find(event: Event, services: Services) -> Iterator[Answer]:
+    """Study Root C-FIND: catalog matching on the node's AE title, similar cases on the similar AE title."""
+    if called_ae(event) == services.settings.node.similar_ae_title:
+        yield from _find_similar(event, services)
+    else:
+        yield from _find_catalog(event, services)
+
+
+def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
+    retrieve_ae = services.settings.node.similar_ae_title
+    try:
+        answers = similar_responses(services.catalog, services.index, event.identifier,
+                                    services.settings.query, retrieve_ae)
+    except UnknownStudyError as error:
+        yield status(Status.UNKNOWN_STUDY, str(error)), None
+        return
+    except NotIndexedError as error:
+        yield status(Status.STUDY_NOT_INDEXED, str(error)), None
+        return
+    except NodeError as error:
+        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        return
+    LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
+    for answer in answers:
+        if event.is_cancelled:
+            yield Status.CANCEL, None
+            return
+        yield Status.PENDING, answer
+
+
+def _pages(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(rows)
+    while page := list(islice(iterator, size)):
+        yield page
+
+
+def _values(session: Session, level: str, page: list[Any]) -> Iterator[dict[str, Any]]:
+    if level == "STUDY":
+        summaries = study_summary(session, [row.id for row in page])
+        return (study_values(row, summaries.get(row.id)) for row in page)
+    if level == "SERIES":
+        return (series_values(row) for row in page)
+    return (instance_values(row) for row in page)
+
+
+def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
+    request = event.identifier
+    try:
+        level = query_level(request)
+    except NodeError as error:
+        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        return
+    count = 0
+    retrieve_ae = called_ae(event)
+    with services.catalog.session() as session:
+        for page in _pages(iter_matches(session, request, level), 100):
+            for values in _values(session, level, page):
+                if event.is_cancelled:
+                    yield Status.CANCEL, None
+                    return
+                yield Status.PENDING, response(request, level, values, retrieve_ae)
+            count += len(page)
+    LOG.info("C-FIND from %s at %s level: %d matches", calling_ae(event), level, count)
+
+
+def _instances(services: Services, identifier: Dataset) -> list[tuple[str, str, str]]:
+    with services.catalog.session() as session:
+        return matching_instances(session, identifier)
+
+
+def _send(event: Event, services: Services, instances: list[tuple[str, str, str]]) -> Iterator[Answer]:
+    """One pending answer per stored instance, read from disk as it goes."""
+    for path, _, _ in instances:
+        if event.is_cancelled:
+            yield Status.CANCEL, None
+            return
+        yield Status.PENDING, dcmread(services.store.absolute(path))
+
+
+def store_contexts(instances: list[tuple[str, str, str]]) -> list[PresentationContext]:
+    """Presentation contexts for sending these instances: their own transfer syntax, or any uncompressed one."""
+    syntaxes: dict[str, set[str]] = {}
+    for _, sop_class, transfer_syntax in instances:
+        wanted = set(UNCOMPRESSED) if transfer_syntax in UNCOMPRESSED else {transfer_syntax}
+        syntaxes.setdefault(sop_class, set()).update(wanted)
+    return [build_context(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())][:128]
+
+
+def handle_move(event: Event, services: Services) -> Iterator[Any]:
+    """C-MOVE to a configured peer only; every stored instance under the match is sent."""
+    peer = services.settings.peer(event.move_destination)
+    if peer is None:
+        LOG.warning("C-MOVE from %s to unknown destination refused", calling_ae(event))
+        yield None, None
+        return
+    try:
+        instances = _instances(services, event.identifier)
+    except NodeError as error:
+        yield peer.host, peer.port
+        yield 1
+        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        return
+    LOG.info("C-MOVE from %s to %s: %d instances", calling_ae(event), peer.ae_title, len(instances))
+    yield peer.host, peer.port, {"contexts": store_contexts(instances)}
+    yield len(instances)
+    yield from _send(event, services, instances)
+
+
+def handle_get(event: Event, services: Services) -> Iterator[Any]:
+    """C-GET: the stored instances under the match, sent back on the same association."""
+    try:
+        instances = _instances(services, event.identifier)
+    except NodeError as error:
+        yield 1
+        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        return
+    LOG.info("C-GET from %s: %d instances", calling_ae(event), len(instances))
+    yield len(instances)
+    yield from _send(event, services, instances)

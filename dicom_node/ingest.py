@@ -1,0 +1,134 @@
+"""Receiving one dataset: check it, write it durably, record it (and its report) in the catalog.
+
+Used by the C-STORE handler; it never decodes pixel data and never imports torch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import NodeError
+from dicom_node.sop_classes import STORAGE_KIND
+from dicom_node.sr import report_text, report_time
+from dicom_node.status import Status
+from dicom_node.storage import FileStore, check_uid
+from indexer.errors import IndexerError
+from indexer.catalog import AddOutcome, Catalog, InstanceAttrs, ReportAttrs, SeriesAttrs, StudyAttrs
+from indexer.schema import Kind
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: Status
+    comment: str = ""
+    outcome: AddOutcome | None = None
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    return str(ds.get(keyword, "") or "").strip()[:limit]
+
+
+def study_attrs(ds: Dataset) -> StudyAttrs:
+    return StudyAttrs(
+        study_uid=str(ds.StudyInstanceUID),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName", 324),
+        patient_birth_date=_text(ds, "PatientBirthDate", 8),
+        patient_sex=_text(ds, "PatientSex", 16),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        study_time=_text(ds, "StudyTime", 16),
+        study_description=_text(ds, "StudyDescription"),
+        study_id=_text(ds, "StudyID", 16),
+        referring_physician=_text(ds, "ReferringPhysicianName", 324),
+    )
+
+
+def series_attrs(ds: Dataset) -> SeriesAttrs:
+    return SeriesAttrs(
+        series_uid=str(ds.SeriesInstanceUID),
+        modality=_text(ds, "Modality", 16),
+        series_number=_text(ds, "SeriesNumber", 12),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined", 16),
+    )
+
+
+class Ingestor:
+    """Stores datasets; one lock stripe per SOP Instance UID keeps resends of one instance in order."""
+
+    def __init__(self, store: FileStore, catalog: Catalog) -> None:
+        self.store = store
+        self.catalog = catalog
+        self._stripes = [threading.Lock() for _ in range(64)]
+
+    def ingest(self, ds: Dataset, encoded: bytes, sop_class_uid: str, transfer_syntax: str, calling_ae: str) -> IngestResult:
+        """Keep ``encoded`` (the dataset as received, with its file meta) and catalog it."""
+        kind = STORAGE_KIND.get(sop_class_uid)
+        if kind is None:
+            return IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class {sop_class_uid} is not stored here")
+        try:
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            if str(ds.get("SOPClassUID", "")).strip() != sop_class_uid:
+                raise NodeError(f"SOPClassUID of the dataset does not match the presentation context ({sop_class_uid})")
+            report = (
+                ReportAttrs(text=report_text(ds), report_time=report_time(ds)) if kind is Kind.REPORT else None
+            )
+            relative = self.store.relative_path(study_uid, series_uid, sop_uid)
+            study, series = study_attrs(ds), series_attrs(ds)
+        except (NodeError, ValueError, TypeError, AttributeError, KeyError) as error:
+            return IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error))
+        if report is not None and not report.text:
+            report = None  # an SR without any text is kept and retrievable, but there is nothing to embed
+
+        with self._stripes[hash(sop_uid) % len(self._stripes)]:
+            held_in = self.catalog.find_instance_study(sop_uid)
+            if held_in is not None:
+                return self._duplicate(sop_uid, held_in == study_uid)
+            try:
+                self.store.write(relative, encoded)
+            except OSError as error:
+                LOG.error("cannot write instance %s: %s", sop_uid, error)
+                return IngestResult(Status.OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}")
+            instance = InstanceAttrs(
+                sop_uid=sop_uid,
+                sop_class_uid=sop_class_uid,
+                transfer_syntax=transfer_syntax,
+                path=relative,
+                size_bytes=len(encoded),
+                kind=kind,
+                instance_number=_text(ds, "InstanceNumber", 12),
+                calling_ae=calling_ae,
+            )
+            try:
+                outcome = self.catalog.add_instance(study, series, instance, report)
+            except IndexerError as error:
+                self.store.remove(relative)
+                return IngestResult(Status.CANNOT_UNDERSTAND, str(error))
+            except Exception as error:  # the catalog refused: the file must not stay as if stored
+                self.store.remove(relative)
+                LOG.error("catalog refused instance %s: %s", sop_uid, type(error).__name__)
+                return IngestResult(Status.OUT_OF_RESOURCES, f"catalog error: {type(error).__name__}")
+        if outcome is AddOutcome.STORED:
+            LOG.info("stored %s instance %s of study %s from %s (%d bytes)", kind.value, sop_uid, study_uid,
+                     calling_ae, len(encoded))
+            return IngestResult(Status.SUCCESS, outcome=outcome)
+        if outcome is AddOutcome.CONFLICT:
+            self.store.remove(relative)
+        return self._duplicate(sop_uid, outcome is AddOutcome.DUPLICATE)
+
+    @staticmethod
+    def _duplicate(sop_uid: str, same_study: bool) -> IngestResult:
+        if same_study:
+            LOG.info("instance %s already held; resend acknowledged, nothing changed", sop_uid)
+            return IngestResult(Status.SUCCESS, outcome=AddOutcome.DUPLICATE)
+        LOG.warning("instance %s refused: the UID is already held under another study", sop_uid)
+        return IngestResult(Status.DUPLICATE_CONFLICT,
+                            "SOP Instance UID already held under another study", AddOutcome.CONFLICT)

@@ -1,0 +1,133 @@
+"""The node: the DICOM application entity, the catalog, the file store, the index and the embedding job."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from config.settings import Settings
+from dicom_node.handlers import (
+    Services,
+    handle_echo,
+    handle_find,
+    handle_get,
+    handle_move,
+    handle_requested,
+    handle_store,
+)
+from dicom_node.ingest import Ingestor
+from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
+from dicom_node.storage import FileStore
+from indexer.catalog import Catalog
+from indexer.embedding import EmbeddingJob, Encoder
+from indexer.scheduler import JobScheduler
+from indexer.vector_index import HnswParams, VectorIndex
+from models.observations import EMBEDDING_DIM
+
+LOG = logging.getLogger(__name__)
+
+
+def load_configured_model(settings: Settings) -> Encoder:
+    """The MMDL model the settings name (the shipped one by default); imports torch only here."""
+    from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
+
+    return MMDLModel.load(settings.model.path or DEFAULT_MODEL_DIR, device=settings.model.device)
+
+
+def decode_stored_image(path: Path) -> np.ndarray:
+    from models.imaging import read_dicom_image
+
+    return read_dicom_image(path)
+
+
+def build_ae(settings: Settings) -> AE:
+    node = settings.node
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
+    ae.network_timeout = node.network_timeout_s
+    ae.require_called_aet = True  # handle_requested sets the acceptor title to the one called, if ours
+    for sop_class in (*IMAGE_STORAGE, *REPORT_STORAGE):
+        # SCP role to receive; SCU role too, so C-GET can send back on the requestor's association
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for sop_class in (VERIFICATION, *QUERY_RETRIEVE):
+        ae.add_supported_context(sop_class, UNCOMPRESSED)
+    return ae
+
+
+class Node:
+    """Owns every part of a running node; ``start`` serves, ``stop`` shuts down cleanly."""
+
+    def __init__(self, settings: Settings, load_model: Callable[[], Encoder] | None = None) -> None:
+        self.settings = settings
+        data_dir = settings.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = FileStore(data_dir / "storage")
+        removed = self.store.remove_temporaries()
+        if removed:
+            LOG.warning("removed %d partial files left by an interrupted receive", removed)
+        self.catalog = Catalog(settings.catalog_url)
+        params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
+        self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
+        self._snapshot_seq = self.index.seq
+        self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index)
+        self.job = EmbeddingJob(
+            self.catalog,
+            self.index,
+            self.store.root,
+            load_model=load_model or (lambda: load_configured_model(settings)),
+            decode=decode_stored_image,
+            batch_size=settings.scheduler.batch_size,
+            decode_workers=settings.scheduler.decode_workers,
+        )
+        self.scheduler = JobScheduler()
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+        self._stop_lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        services = self.services
+        handlers = [
+            (evt.EVT_REQUESTED, handle_requested, [services]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [services]),
+            (evt.EVT_C_FIND, handle_find, [services]),
+            (evt.EVT_C_MOVE, handle_move, [services]),
+            (evt.EVT_C_GET, handle_get, [services]),
+        ]
+        node = self.settings.node
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        self.scheduler.add("embed", self.job.run, self.settings.scheduler.interval_s)
+        self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
+        self.scheduler.start()
+        LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
+                 node.host, self.port, len(self.index))
+
+    def snapshot(self) -> None:
+        """Snapshot the index when it changed since the last one."""
+        if self.index.seq != self._snapshot_seq:
+            self.index.snapshot()
+            self._snapshot_seq = self.index.seq
+
+    def stop(self) -> None:
+        with self._stop_lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None
+            self.scheduler.shutdown()
+            self.job.close()
+            self.snapshot()
+            self.catalog.close()
+            LOG.info("node stopped")

@@ -1,0 +1,176 @@
+"""The similar-case query: a STUDY-level C-FIND naming one study returns the most similar other studies.
+
+Door 1 (any viewer): query the similar AE title by StudyInstanceUID or AccessionNumber; each answer
+carries the rank, the score and the predicted findings in StudyDescription.
+Door 2 (private keys): a private block (group 0099, creator PRIVATE_CREATOR) in the request may set
+top-k, minimum score, exclude-same-patient and a findings filter; answers carry score, rank, model
+version, predicted findings and their scores in the same block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from config.settings import QuerySettings
+from dicom_node.errors import NodeError
+from dicom_node.identifiers import response, study_values
+from dicom_node.matching import study_summary
+from indexer.catalog import Catalog, from_blob
+from indexer.schema import Study
+from indexer.vector_index import VectorIndex
+from models.observations import OBSERVATIONS
+
+PRIVATE_GROUP = 0x0099
+PRIVATE_CREATOR = "MMDL SIMILARITY 1.0"
+# Element offsets inside the private block: request keys ...
+TOP_K, MIN_SCORE, EXCLUDE_SAME_PATIENT, FINDINGS_FILTER = 0x01, 0x02, 0x03, 0x04
+# ... and answer keys.
+SCORE, RANK, MODEL_VERSION, PREDICTED_FINDINGS, FINDING_SCORES, ORIGINAL_DESCRIPTION = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
+POSITIVE = 0.5  # a finding is shown as predicted when its probability reaches this
+
+
+class UnknownStudyError(NodeError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no study with {key} is held by this node")
+
+
+class NotIndexedError(NodeError):
+    def __init__(self, study_uid: str) -> None:
+        super().__init__(f"study {study_uid} is held but not indexed yet; try again shortly")
+
+
+@dataclass(frozen=True)
+class SimilarRequest:
+    study_uid: str
+    accession_number: str
+    top_k: int
+    min_score: float
+    exclude_same_patient: bool
+    findings: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Hit:
+    study: Study
+    rank: int
+    score: float
+    finding_scores: np.ndarray
+
+
+def _private_text(identifier: Dataset, offset: int) -> str:
+    try:
+        block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        element = block[offset]
+    except KeyError:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):  # implicit VR: private elements arrive as UN
+        value = value.decode("ascii", errors="replace")
+    if isinstance(value, (list, tuple)):
+        value = "\\".join(str(v) for v in value)
+    return str(value or "").strip(" \x00")
+
+
+def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarRequest:
+    """Read the study key and the private options; bad values raise NodeError naming them."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level != "STUDY":
+        raise NodeError(f"similar-case queries are STUDY level, got {level!r}")
+    study_uid = str(identifier.get("StudyInstanceUID", "") or "").strip()
+    accession = str(identifier.get("AccessionNumber", "") or "").strip()
+    if "\\" in study_uid or "*" in study_uid or "?" in study_uid or "*" in accession or "?" in accession:
+        raise NodeError("a similar-case query names exactly one study (no lists or wildcards)")
+    if not study_uid and not accession:
+        raise NodeError("a similar-case query names one study by StudyInstanceUID or AccessionNumber")
+    try:
+        top_k = int(_private_text(identifier, TOP_K) or defaults.top_k)
+        min_score = float(_private_text(identifier, MIN_SCORE) or defaults.min_score)
+    except ValueError as error:
+        raise NodeError(f"private query key is not a number: {error}") from None
+    if not 1 <= top_k <= defaults.max_top_k:
+        raise NodeError(f"top-k must be 1-{defaults.max_top_k}, got {top_k}")
+    exclude = _private_text(identifier, EXCLUDE_SAME_PATIENT).upper()
+    if exclude not in ("", "YES", "NO"):
+        raise NodeError(f"exclude-same-patient must be YES or NO, got {exclude!r}")
+    findings = tuple(f.strip() for f in _private_text(identifier, FINDINGS_FILTER).split("\\") if f.strip())
+    unknown = [f for f in findings if f not in OBSERVATIONS]
+    if unknown:
+        raise NodeError(f"unknown findings in the filter: {', '.join(unknown)}")
+    return SimilarRequest(
+        study_uid=study_uid,
+        accession_number=accession,
+        top_k=top_k,
+        min_score=min_score,
+        exclude_same_patient=defaults.exclude_same_patient if not exclude else exclude == "YES",
+        findings=findings,
+    )
+
+
+def find_similar(catalog: Catalog, index: VectorIndex, request: SimilarRequest) -> list[Hit]:
+    """The most similar other studies, best first, after the request's filters."""
+    query = catalog.find_study(request.study_uid, request.accession_number)
+    if query is None:
+        key = f"StudyInstanceUID {request.study_uid}" if request.study_uid else f"AccessionNumber {request.accession_number}"
+        raise UnknownStudyError(key)
+    if query.vector is None:
+        raise NotIndexedError(query.study_uid)
+    vector = from_blob(query.vector)
+    wanted = [OBSERVATIONS.index(f) for f in request.findings]
+    hits: list[Hit] = []
+    k = request.top_k + 1
+    while True:
+        labels, scores = index.search(vector, k)
+        studies = catalog.studies(labels.tolist())
+        hits = []
+        for label, score in zip(labels.tolist(), scores.tolist()):
+            study = studies.get(label)
+            if study is None or study.id == query.id or score < request.min_score:
+                continue
+            if request.exclude_same_patient and study.patient_id and study.patient_id == query.patient_id:
+                continue
+            finding_scores = from_blob(study.label_scores) if study.label_scores else np.zeros(len(OBSERVATIONS))
+            if wanted and not any(finding_scores[i] >= POSITIVE for i in wanted):
+                continue
+            hits.append(Hit(study, len(hits) + 1, float(score), finding_scores))
+            if len(hits) == request.top_k:
+                return hits
+        exhausted = len(labels) < k or (len(scores) and scores[-1] < request.min_score)
+        if exhausted:
+            return hits
+        k *= 4
+
+
+def predicted_findings(finding_scores: np.ndarray) -> list[str]:
+    order = np.argsort(-finding_scores)
+    return [OBSERVATIONS[i] for i in order if finding_scores[i] >= POSITIVE]
+
+
+def hit_identifier(request: Dataset, hit: Hit, summary: tuple[str, int, int] | None, retrieve_ae: str) -> Dataset:
+    """The answer for one hit, readable in a plain viewer (StudyDescription) and in the private block."""
+    findings = predicted_findings(hit.finding_scores)
+    description = f"#{hit.rank} sim {hit.score:.2f}: {', '.join(findings) or 'no finding predicted'}"
+    values = {**study_values(hit.study, summary), "StudyDescription": description[:64]}
+    if "StudyDescription" not in request:
+        request = request.copy()
+        request.StudyDescription = ""
+    identifier = response(request, "STUDY", values, retrieve_ae)
+    block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(SCORE, "DS", f"{hit.score:.6f}")
+    block.add_new(RANK, "IS", str(hit.rank))
+    block.add_new(MODEL_VERSION, "LO", hit.study.model_version[:64])
+    block.add_new(PREDICTED_FINDINGS, "LO", findings or "")
+    block.add_new(FINDING_SCORES, "DS", [f"{s:.4f}" for s in hit.finding_scores])
+    block.add_new(ORIGINAL_DESCRIPTION, "LO", hit.study.study_description)
+    return identifier
+
+
+def similar_responses(
+    catalog: Catalog, index: VectorIndex, request: Dataset, defaults: QuerySettings, retrieve_ae: str
+) -> list[Dataset]:
+    """All answer identifiers for a similar-case C-FIND request (raises NodeError subclasses)."""
+    hits = find_similar(catalog, index, parse_request(request, defaults))
+    with catalog.session() as session:
+        summaries = study_summary(session, [hit.study.id for hit in hits])
+    return [hit_identifier(request, hit, summaries.get(hit.study.id), retrieve_ae) for hit in hits]

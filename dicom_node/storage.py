@@ -1,0 +1,78 @@
+"""The file store: received datasets kept exactly as encoded, written durably, at paths built from checked UIDs."""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+from dicom_node.errors import NodeError
+
+# Digits and dots, no empty component, at most 64 characters: nothing that can climb out of a folder.
+# (Leading zeros, which PS3.5 forbids, are still accepted: real archives have them and they are path-safe.)
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def check_uid(value: object, name: str) -> str:
+    """Return ``value`` as a UID string, or raise NodeError naming the attribute."""
+    text = str(value or "").strip().rstrip("\x00")
+    if not text:
+        raise NodeError(f"{name} is missing")
+    if len(text) > 64 or not _UID.fullmatch(text):
+        raise NodeError(f"{name} is not a valid UID ({len(text)} characters, must be digits and dots, <= 64)")
+    return text
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, UIDs checked first."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        parts = (check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"),
+                 check_uid(sop_uid, "SOPInstanceUID"))
+        return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise NodeError(f"path {relative!r} leaves the storage folder")
+        return path
+
+    def write(self, relative: str, data: bytes) -> None:
+        """Write ``data`` to a temporary file, fsync it, rename it into place, fsync the folder."""
+        final = self.absolute(relative)
+        folder = final.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{final.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            with tmp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_directory(folder)
+
+    def remove(self, relative: str) -> None:
+        self.absolute(relative).unlink(missing_ok=True)
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files a crash left behind; returns how many."""
+        count = 0
+        for tmp in self.root.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        return count

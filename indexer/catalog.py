@@ -1,0 +1,334 @@
+"""The catalog: what the node holds (studies, series, instances, reports), their embedding state and vectors.
+
+Any SQLAlchemy URL works; SQLite runs in WAL mode with full synchronous commits, so a committed
+row survives a crash (the node answers C-STORE success only after that commit).
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer.errors import IndexerError
+from indexer.schema import Base, Instance, Kind, Report, Series, State, Study
+
+
+@dataclass(frozen=True)
+class StudyAttrs:
+    study_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    study_id: str = ""
+    referring_physician: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesAttrs:
+    series_uid: str
+    modality: str = ""
+    series_number: str = ""
+    series_description: str = ""
+    body_part: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceAttrs:
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size_bytes: int
+    kind: Kind
+    instance_number: str = ""
+    calling_ae: str = ""
+
+
+@dataclass(frozen=True)
+class ReportAttrs:
+    """Report text and the time that orders amendments (YYYYMMDDHHMMSS, later wins)."""
+
+    text: str
+    report_time: str
+    source: str = "sr"
+
+
+class AddOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same study: already held, nothing changed
+    CONFLICT = "conflict"  # same SOP Instance UID, another study: refused
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    id: int
+    study_pk: int
+    payload: str  # image: path relative to storage; report: its text
+
+
+def to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def from_blob(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, full fsync on commit, and a long busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Catalog:
+    """All reads and writes of the catalog go through here; each method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A read session for queries built elsewhere (C-FIND matching)."""
+        with self._sessions() as session:
+            yield session
+
+    # -- receiving -----------------------------------------------------------------------------
+    def find_instance_study(self, sop_uid: str) -> str | None:
+        """The StudyInstanceUID under which ``sop_uid`` is held, or None."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(Study.study_uid)
+                .join(Series, Series.study_pk == Study.id)
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Instance.sop_uid == sop_uid)
+            )
+
+    def add_instance(
+        self,
+        study: StudyAttrs,
+        series: SeriesAttrs,
+        instance: InstanceAttrs,
+        report: ReportAttrs | None = None,
+    ) -> AddOutcome:
+        """Record a stored instance (and the report it carries) in one transaction."""
+        try:
+            with self._sessions.begin() as session:
+                study_row = self._get_or_create(session, Study, "study_uid", asdict(study))
+                series_row = self._get_or_create(
+                    session, Series, "series_uid", {**asdict(series), "study_pk": study_row.id}
+                )
+                if series_row.study_pk != study_row.id:
+                    raise IndexerError(
+                        f"series {series.series_uid} already belongs to another study; instance {instance.sop_uid} refused"
+                    )
+                state = State.PENDING if instance.kind is Kind.IMAGE else State.SKIPPED
+                session.add(Instance(**asdict(instance), series_pk=series_row.id, state=state))
+                session.flush()
+                if report is not None:
+                    self._add_report(session, study_row.id, instance.sop_uid, report)
+        except IntegrityError:
+            # Another association stored the same SOP Instance UID between our check and commit.
+            held_in = self.find_instance_study(instance.sop_uid)
+            if held_in is None:
+                raise
+            return AddOutcome.DUPLICATE if held_in == study.study_uid else AddOutcome.CONFLICT
+        return AddOutcome.STORED
+
+    @staticmethod
+    def _get_or_create(session: Session, model: type[Any], key: str, values: dict[str, Any]) -> Any:
+        row = session.scalar(select(model).where(getattr(model, key) == values[key]))
+        if row is None:
+            row = model(**values)
+            session.add(row)
+            session.flush()
+        return row
+
+    @staticmethod
+    def _add_report(session: Session, study_pk: int, source_uid: str, report: ReportAttrs) -> None:
+        newest = session.scalar(
+            select(Report).where(Report.study_pk == study_pk, Report.current.is_(True))
+        )
+        is_current = newest is None or report.report_time >= newest.report_time
+        if is_current and newest is not None:
+            newest.current = False
+            if newest.state is State.PENDING:
+                newest.state = State.SKIPPED
+                newest.reason = "superseded by a newer report"
+        session.add(
+            Report(
+                source_uid=source_uid,
+                source=report.source,
+                study_pk=study_pk,
+                report_time=report.report_time,
+                text=report.text,
+                current=is_current,
+                state=State.PENDING if is_current else State.SKIPPED,
+                reason="" if is_current else "a newer report of this study is already held",
+            )
+        )
+
+    # -- the embedding job ---------------------------------------------------------------------
+    def pending_images(self, limit: int) -> list[PendingItem]:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Instance.id, Series.study_pk, Instance.path)
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Instance.state == State.PENDING, Instance.kind == Kind.IMAGE)
+                .order_by(Instance.id)
+                .limit(limit)
+            )
+            return [PendingItem(*row) for row in rows]
+
+    def pending_reports(self, limit: int) -> list[PendingItem]:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Report.id, Report.study_pk, Report.text)
+                .where(Report.state == State.PENDING)
+                .order_by(Report.id)
+                .limit(limit)
+            )
+            return [PendingItem(*row) for row in rows]
+
+    def save_results(
+        self,
+        model: type[Instance] | type[Report],
+        vectors: dict[int, np.ndarray],
+        failures: dict[int, str],
+        study_pks: set[int],
+    ) -> None:
+        """Store embedding results (vectors: indexed, reasons: failed) and mark their studies for refresh."""
+        with self._sessions.begin() as session:
+            if study_pks:
+                session.execute(update(Study).where(Study.id.in_(study_pks)).values(dirty=True))
+            for item_id, vector in vectors.items():
+                session.execute(
+                    update(model).where(model.id == item_id).values(
+                        vector=to_blob(vector), state=State.INDEXED, reason=""
+                    )
+                )
+            for item_id, reason in failures.items():
+                session.execute(
+                    update(model).where(model.id == item_id).values(state=State.FAILED, reason=reason[:2000])
+                )
+
+    def dirty_studies(self, limit: int) -> list[int]:
+        with self._sessions() as session:
+            return list(session.scalars(select(Study.id).where(Study.dirty.is_(True)).order_by(Study.id).limit(limit)))
+
+    def study_inputs(self, study_pks: Sequence[int]) -> dict[int, tuple[list[np.ndarray], np.ndarray | None]]:
+        """For each study: the vectors of its indexed images and of its current indexed report."""
+        inputs: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = {pk: ([], None) for pk in study_pks}
+        with self._sessions() as session:
+            images = session.execute(
+                select(Series.study_pk, Instance.vector)
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.study_pk.in_(study_pks), Instance.state == State.INDEXED)
+            )
+            for study_pk, blob in images:
+                inputs[study_pk][0].append(from_blob(blob))
+            reports = session.execute(
+                select(Report.study_pk, Report.vector).where(
+                    Report.study_pk.in_(study_pks), Report.current.is_(True), Report.state == State.INDEXED
+                )
+            )
+            for study_pk, blob in reports:
+                inputs[study_pk] = (inputs[study_pk][0], from_blob(blob))
+        return inputs
+
+    def set_study_vectors(
+        self, vectors: dict[int, tuple[np.ndarray, np.ndarray]], model_version: str, refreshed: Sequence[int]
+    ) -> int:
+        """Store each study's vector and label scores under a new sequence number; returns it.
+
+        ``refreshed`` are all the studies looked at (some may have no vector yet): they are no longer dirty.
+        """
+        with self._sessions.begin() as session:
+            session.execute(update(Study).where(Study.id.in_(list(refreshed))).values(dirty=False))
+            seq = (session.scalar(select(func.max(Study.index_seq))) or 0) + 1
+            for study_pk, (vector, scores) in vectors.items():
+                session.execute(
+                    update(Study).where(Study.id == study_pk).values(
+                        vector=to_blob(vector),
+                        label_scores=to_blob(scores),
+                        index_seq=seq,
+                        model_version=model_version,
+                        dirty=False,
+                    )
+                )
+        return seq
+
+    def study_vectors(self, after_seq: int = 0, chunk: int = 10000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(study pks, vectors) in chunks, for studies whose vector changed after ``after_seq``."""
+        last_pk = 0
+        while True:
+            with self._sessions() as session:
+                rows = session.execute(
+                    select(Study.id, Study.vector)
+                    .where(Study.index_seq > after_seq, Study.id > last_pk, Study.vector.is_not(None))
+                    .order_by(Study.id)
+                    .limit(chunk)
+                ).all()
+            if not rows:
+                return
+            last_pk = rows[-1][0]
+            yield np.array([r[0] for r in rows], dtype=np.int64), np.stack([from_blob(r[1]) for r in rows])
+
+    def max_index_seq(self) -> int:
+        with self._sessions() as session:
+            return session.scalar(select(func.max(Study.index_seq))) or 0
+
+    # -- answering -----------------------------------------------------------------------------
+    def find_study(self, study_uid: str = "", accession_number: str = "") -> Study | None:
+        """The study named by its UID, or else by its accession number (the most recent one)."""
+        with self._sessions() as session:
+            if study_uid:
+                return session.scalar(select(Study).where(Study.study_uid == study_uid))
+            return session.scalar(
+                select(Study).where(Study.accession_number == accession_number).order_by(Study.id.desc()).limit(1)
+            )
+
+    def studies(self, pks: Sequence[int]) -> dict[int, Study]:
+        with self._sessions() as session:
+            return {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(pks)))}
+
+    def state_counts(self) -> dict[str, int]:
+        """How many images and reports are in each state, e.g. {"image.pending": 3}."""
+        counts: dict[str, int] = {}
+        with self._sessions() as session:
+            for kind, state, n in session.execute(
+                select(Instance.kind, Instance.state, func.count()).group_by(Instance.kind, Instance.state)
+            ):
+                counts[f"{kind.value}.{state.value}"] = n
+            for state, n in session.execute(select(Report.state, func.count()).group_by(Report.state)):
+                counts[f"report_text.{state.value}"] = n
+        return counts

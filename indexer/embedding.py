@@ -1,0 +1,175 @@
+"""The embedding job: pending images and reports -> vectors in the catalog -> study vectors in the index.
+
+A pure function of catalog rows and the model, so an archive backfill could run it elsewhere (a GPU
+batch job) and write into the same catalog. Decoding runs in a thread pool beside the model; an item
+that cannot be decoded or embedded is marked failed with its reason and never blocks the others.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from indexer.catalog import Catalog, PendingItem
+from indexer.schema import Instance, Report
+from indexer.vector_index import VectorIndex
+
+LOG = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    """What the job needs of an MMDL model (models.bundle.MMDLModel provides it)."""
+
+    version: str
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+    def embed_reports(self, texts: Sequence[str]) -> np.ndarray: ...
+    def predict_labels(self, embeddings: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class RoundStats:
+    images: int = 0
+    reports: int = 0
+    failed: int = 0
+    studies: int = 0
+    seconds: float = 0.0
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+def study_vector(image_vectors: list[np.ndarray], report_vector: np.ndarray | None) -> np.ndarray | None:
+    """A study's point in the common space: the mean of its images, averaged with its report's."""
+    parts = []
+    if image_vectors:
+        parts.append(np.mean(image_vectors, axis=0))
+    if report_vector is not None:
+        parts.append(report_vector)
+    return np.mean(parts, axis=0).astype(np.float32) if parts else None
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class EmbeddingJob:
+    """One run embeds everything pending, batch by batch, up to ``max_seconds``."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        index: VectorIndex,
+        storage_root: Path,
+        load_model: Callable[[], Encoder],
+        decode: Callable[[Path], np.ndarray],
+        batch_size: int = 16,
+        decode_workers: int = 2,
+        max_seconds: float = 30.0,
+    ) -> None:
+        self.catalog = catalog
+        self.index = index
+        self.storage_root = storage_root
+        self._load_model = load_model
+        self._model: Encoder | None = None
+        self._decode = decode
+        self.batch_size = batch_size
+        self.max_seconds = max_seconds
+        self._pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+
+    @property
+    def model(self) -> Encoder:
+        if self._model is None:
+            self._model = self._load_model()
+            LOG.info("embedding model %s loaded", self._model.version)
+        return self._model
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self) -> RoundStats:
+        stats = RoundStats()
+        start = time.monotonic()
+        while time.monotonic() - start < self.max_seconds:
+            images = self.catalog.pending_images(self.batch_size)
+            reports = self.catalog.pending_reports(self.batch_size)
+            self._embed_images(images, stats)
+            self._embed_reports(reports, stats)
+            dirty = self.catalog.dirty_studies(limit=1000)
+            self._refresh_studies(dirty, stats)
+            if not images and not reports and not dirty:
+                break
+        stats.seconds = time.monotonic() - start
+        if stats.images or stats.reports or stats.failed:
+            LOG.info("embedded %d images, %d reports (%d failed), %d studies updated in %.2f s",
+                     stats.images, stats.reports, stats.failed, stats.studies, stats.seconds)
+        return stats
+
+    def _decode_one(self, item: PendingItem) -> np.ndarray | BaseException:
+        try:
+            return self._decode(self.storage_root / item.payload)
+        except Exception as error:  # any decoder failure marks this one item failed
+            return error
+
+    def _embed_images(self, items: list[PendingItem], stats: RoundStats) -> None:
+        if not items:
+            return
+        decoded = list(self._pool.map(self._decode_one, items))
+        failures = {item.id: _reason(d) for item, d in zip(items, decoded) if isinstance(d, BaseException)}
+        ready = [(item, d) for item, d in zip(items, decoded) if not isinstance(d, BaseException)]
+        vectors = self._embed(ready, self.model.embed_images, failures)
+        self.catalog.save_results(Instance, vectors, failures, {i.study_pk for i in items if i.id in vectors})
+        self._count(stats, failures)
+        stats.images += len(vectors)
+
+    def _embed_reports(self, items: list[PendingItem], stats: RoundStats) -> None:
+        if not items:
+            return
+        failures: dict[int, str] = {}
+        vectors = self._embed([(item, item.payload) for item in items], self.model.embed_reports, failures)
+        self.catalog.save_results(Report, vectors, failures, {i.study_pk for i in items if i.id in vectors})
+        self._count(stats, failures)
+        stats.reports += len(vectors)
+
+    @staticmethod
+    def _embed(ready: list[tuple[PendingItem, Any]], embed: Callable[[list[Any]], np.ndarray],
+               failures: dict[int, str]) -> dict[int, np.ndarray]:
+        """Embed as one batch; if the batch fails, item by item so one bad input fails alone."""
+        if not ready:
+            return {}
+        try:
+            out = embed([x for _, x in ready])
+            return {item.id: out[i] for i, (item, _) in enumerate(ready)}
+        except Exception:  # isolate the culprit below
+            vectors = {}
+            for item, x in ready:
+                try:
+                    vectors[item.id] = embed([x])[0]
+                except Exception as error:
+                    failures[item.id] = _reason(error)
+            return vectors
+
+    @staticmethod
+    def _count(stats: RoundStats, failures: dict[int, str]) -> None:
+        stats.failed += len(failures)
+        for reason in failures.values():
+            key = reason.split(":", 1)[0]
+            stats.failures[key] = stats.failures.get(key, 0) + 1
+
+    def _refresh_studies(self, study_pks: list[int], stats: RoundStats) -> None:
+        if not study_pks:
+            return
+        inputs = self.catalog.study_inputs(study_pks)
+        vectors = {pk: v for pk, (imgs, rep) in inputs.items() if (v := study_vector(imgs, rep)) is not None}
+        pks = list(vectors)
+        matrix = np.stack([vectors[pk] for pk in pks]) if pks else np.empty((0, 0), dtype=np.float32)
+        scores = self.model.predict_labels(matrix) if pks else matrix
+        seq = self.catalog.set_study_vectors(
+            {pk: (matrix[i], scores[i]) for i, pk in enumerate(pks)}, self.model.version, refreshed=study_pks
+        )
+        self.index.upsert(np.array(pks, dtype=np.int64), matrix, seq=seq)
+        stats.studies += len(pks)

@@ -1,0 +1,153 @@
+"""The HNSW index of study vectors (hnswlib, cosine), snapshotted atomically and rebuilt from the catalog.
+
+hnswlib's ``add_items`` and ``knn_query`` must not run at the same time, so every access holds one lock.
+A snapshot is a file named after the catalog sequence number it contains plus a small pointer file
+(``current.json``) that is replaced atomically; at start the newest snapshot is loaded and caught up with
+the catalog rows that changed after it, or the index is rebuilt from the catalog when there is none.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from indexer.catalog import Catalog
+from indexer.errors import IndexerError
+
+LOG = logging.getLogger(__name__)
+POINTER = "current.json"
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    dim: int
+    m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VectorIndex:
+    """Study vectors keyed by the catalog's study primary key; scores are cosine similarities."""
+
+    def __init__(self, params: HnswParams, directory: Path, capacity: int = 1024) -> None:
+        self.params = params
+        self.directory = directory
+        self.seq = 0  # the catalog sequence number this index contains everything up to
+        self._lock = threading.Lock()
+        self._index = self._new_index(capacity)
+
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="cosine", dim=self.params.dim)
+        index.init_index(max_elements=capacity, M=self.params.m, ef_construction=self.params.ef_construction)
+        index.set_ef(self.params.ef_search)
+        return index
+
+    def __len__(self) -> int:
+        return self._index.get_current_count()
+
+    def upsert(self, labels: np.ndarray, vectors: np.ndarray, seq: int | None = None) -> None:
+        """Add or replace vectors; ``seq`` records the catalog sequence they come from."""
+        if len(labels) == 0:
+            return
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape[1] != self.params.dim:
+            raise IndexerError(f"vector dimension {vectors.shape[1]} does not match the index ({self.params.dim})")
+        with self._lock:
+            needed = self._index.get_current_count() + len(labels)
+            if needed > self._index.get_max_elements():
+                self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+            self._index.add_items(vectors, np.asarray(labels, dtype=np.int64))
+            if seq is not None:
+                self.seq = max(self.seq, seq)
+
+    def vector(self, label: int) -> np.ndarray | None:
+        with self._lock:
+            try:
+                return np.asarray(self._index.get_items([label])[0], dtype=np.float32)
+            except RuntimeError:
+                return None
+
+    def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest labels and their cosine similarities, best first."""
+        with self._lock:
+            k = min(k, self._index.get_current_count())
+            if k == 0:
+                return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+            self._index.set_ef(max(self.params.ef_search, k))
+            labels, distances = self._index.knn_query(np.asarray(vector, dtype=np.float32)[None, :], k=k)
+        return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def snapshot(self) -> Path:
+        """Write the index to a new file, fsync it, then switch the pointer to it atomically."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            seq = self.seq
+            name = f"hnsw-{seq:012d}-{len(self)}.bin"
+            tmp = self.directory / f".{name}.tmp"
+            self._index.save_index(str(tmp))
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        final = self.directory / name
+        os.replace(tmp, final)
+        pointer = {"file": name, "seq": seq, "dim": self.params.dim, "m": self.params.m,
+                   "ef_construction": self.params.ef_construction}
+        tmp_pointer = self.directory / f".{POINTER}.tmp"
+        with tmp_pointer.open("w") as handle:
+            json.dump(pointer, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_pointer, self.directory / POINTER)
+        fsync_dir(self.directory)
+        for old in self.directory.glob("hnsw-*.bin"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return final
+
+    @classmethod
+    def load_snapshot(cls, params: HnswParams, directory: Path) -> VectorIndex | None:
+        """The snapshot the pointer names, or None when there is none or it does not fit ``params``."""
+        try:
+            pointer = json.loads((directory / POINTER).read_text())
+            path = directory / pointer["file"]
+            if (pointer["dim"], pointer["m"]) != (params.dim, params.m) or not path.is_file():
+                LOG.warning("index snapshot %s does not match the configuration; rebuilding", path)
+                return None
+            index = cls(params, directory, capacity=1)
+            index._index.load_index(str(path), max_elements=0)
+            index._index.set_ef(params.ef_search)
+            index.seq = int(pointer["seq"])
+            return index
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            LOG.warning("index snapshot in %s unreadable (%s); rebuilding", directory, error)
+            return None
+
+    @classmethod
+    def open(cls, params: HnswParams, directory: Path, catalog: Catalog) -> VectorIndex:
+        """Load the newest snapshot and catch it up with the catalog, or rebuild from the catalog."""
+        index = cls.load_snapshot(params, directory) or cls(params, directory)
+        start_seq = index.seq
+        added = 0
+        for labels, vectors in catalog.study_vectors(after_seq=start_seq):
+            index.upsert(labels, vectors)
+            added += len(labels)
+        index.seq = max(start_seq, catalog.max_index_seq())
+        LOG.info("vector index ready: %d studies (%d caught up from the catalog after seq %d)",
+                 len(index), added, start_seq)
+        return index
