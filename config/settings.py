@@ -113,11 +113,19 @@ class LoggingSettings(_Section):
     log_phi: bool = False
 
 
+def _unique_peer_titles(peers: list[Peer]) -> list[Peer]:
+    titles = [peer.ae_title for peer in peers]
+    repeated = sorted({t for t in titles if titles.count(t) > 1})
+    if repeated:
+        raise ValueError(f"AE titles must be unique, repeated: {', '.join(repeated)}")
+    return peers
+
+
 class Settings(_Section):
     """Everything the node needs, validated; handed to every other package."""
 
     node: NodeSettings = NodeSettings()
-    peers: list[Peer] = []
+    peers: Annotated[list[Peer], AfterValidator(_unique_peer_titles)] = []
     access: AccessSettings = AccessSettings()
     catalog: CatalogSettings = CatalogSettings()
     index: IndexSettings = IndexSettings()
@@ -125,14 +133,6 @@ class Settings(_Section):
     model: ModelSettings = ModelSettings()
     query: QuerySettings = QuerySettings()
     logging: LoggingSettings = LoggingSettings()
-
-    @model_validator(mode="after")
-    def _unique_peers(self) -> Settings:
-        titles = [peer.ae_title for peer in self.peers]
-        duplicates = sorted({t for t in titles if titles.count(t) > 1})
-        if duplicates:
-            raise ValueError(f"peers: AE titles must be unique, repeated: {', '.join(duplicates)}")
-        return self
 
     @property
     def catalog_url(self) -> str:

@@ -68,12 +68,18 @@ def handle_requested(event: Event, services: Services) -> None:
     allowed = services.settings.access.allowed_calling_aets
     if called not in (node.ae_title, node.similar_ae_title):
         LOG.warning("association from %s rejected: called AE title %s is not served here", calling, called)
-        event.assoc.acse.send_reject(*REJECT_CALLED_AET)
+        _reject(event, REJECT_CALLED_AET)
     elif allowed and calling not in allowed:
         LOG.warning("association from %s rejected: calling AE title not allowed", calling)
-        event.assoc.acse.send_reject(*REJECT_CALLING_AET)
+        _reject(event, REJECT_CALLING_AET)
     else:
         event.assoc.acceptor.ae_title = called
+
+
+def _reject(event: Event, reason: tuple[int, int, int]) -> None:
+    """A-ASSOCIATE-RJ, then stop the association the way pynetdicom's own rejections do (kill flushes the PDU)."""
+    event.assoc.acse.send_reject(*reason)
+    event.assoc.kill()
 
 
 def handle_echo(event: Event) -> int:

@@ -17,5 +17,7 @@ def configure_logging(settings: LoggingSettings) -> None:
     logging.getLogger().setLevel(settings.level)
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = settings.log_phi
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = settings.log_phi
+    # Coalesced runs of a busy job are expected; APScheduler's "skipped" notices are noise.
+    logging.getLogger("apscheduler").setLevel("ERROR")
     # pynetdicom's own INFO/DEBUG lines describe every PDU and dataset; keep them for debugging sessions.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if settings.level == "DEBUG" and settings.log_phi else "WARNING")

@@ -33,12 +33,12 @@ POSITIVE = 0.5  # a finding is shown as predicted when its probability reaches t
 
 class UnknownStudyError(NodeError):
     def __init__(self, key: str) -> None:
-        super().__init__(f"no study with {key} is held by this node")
+        super().__init__(f"unknown study: {key}")
 
 
 class NotIndexedError(NodeError):
     def __init__(self, study_uid: str) -> None:
-        super().__init__(f"study {study_uid} is held but not indexed yet; try again shortly")
+        super().__init__(f"study not indexed yet, retry shortly: {study_uid}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def find_similar(catalog: Catalog, index: VectorIndex, request: SimilarRequest) 
     """The most similar other studies, best first, after the request's filters."""
     query = catalog.find_study(request.study_uid, request.accession_number)
     if query is None:
-        key = f"StudyInstanceUID {request.study_uid}" if request.study_uid else f"AccessionNumber {request.accession_number}"
+        key = request.study_uid or f"AccessionNumber {request.accession_number}"
         raise UnknownStudyError(key)
     if query.vector is None:
         raise NotIndexedError(query.study_uid)
@@ -147,11 +147,26 @@ def predicted_findings(finding_scores: np.ndarray) -> list[str]:
     return [OBSERVATIONS[i] for i in order if finding_scores[i] >= POSITIVE]
 
 
+def describe(rank: int, score: float, findings: list[str], limit: int = 64) -> str:
+    """'#1 sim 0.93: Cardiomegaly, Edema +2' within a StudyDescription's 64 characters."""
+    head = f"#{rank} sim {score:.2f}: "
+    if not findings:
+        return head + "no finding predicted"
+    shown: list[str] = []
+    for finding in findings:
+        hidden = len(findings) - len(shown) - 1
+        candidate = head + ", ".join([*shown, finding]) + (f" +{hidden}" if hidden else "")
+        if len(candidate) > limit:
+            break
+        shown.append(finding)
+    hidden = len(findings) - len(shown)
+    return head + ", ".join(shown) + (f" +{hidden}" if hidden else "")
+
+
 def hit_identifier(request: Dataset, hit: Hit, summary: tuple[str, int, int] | None, retrieve_ae: str) -> Dataset:
     """The answer for one hit, readable in a plain viewer (StudyDescription) and in the private block."""
     findings = predicted_findings(hit.finding_scores)
-    description = f"#{hit.rank} sim {hit.score:.2f}: {', '.join(findings) or 'no finding predicted'}"
-    values = {**study_values(hit.study, summary), "StudyDescription": description[:64]}
+    values = {**study_values(hit.study, summary), "StudyDescription": describe(hit.rank, hit.score, findings)}
     if "StudyDescription" not in request:
         request = request.copy()
         request.StudyDescription = ""

@@ -9,7 +9,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -19,8 +19,8 @@ from pynetdicom.sop_class import (
     BasicTextSRStorage,
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
-    DigitalXRayImageProcessingStorage,
-    DigitalXRayImagePresentationStorage,
+    DigitalXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
     EnhancedSRStorage,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
@@ -33,8 +33,8 @@ from indexer.schema import Kind
 
 IMAGE_STORAGE = (
     ComputedRadiographyImageStorage,
-    DigitalXRayImagePresentationStorage,
-    DigitalXRayImageProcessingStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
 )
 REPORT_STORAGE = (BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage)
@@ -50,7 +50,7 @@ TRANSFER_SYNTAXES = (
     DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,

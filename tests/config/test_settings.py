@@ -1,0 +1,103 @@
+"""Configuration: defaults, every problem reported with its key path, the CLI check."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, load_settings
+from tests.conftest import REPO_ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, ""))
+    assert settings.node.ae_title == "MMDL_NODE"
+    assert settings.node.similar_ae_title == "MMDL_SIMILAR"
+    assert settings.node.port == 11112
+    assert settings.node.data_dir == tmp_path / "mmdl-data"
+    assert settings.access.allowed_calling_aets == []
+    assert settings.catalog_url == f"sqlite:///{tmp_path / 'mmdl-data' / 'catalog.sqlite3'}"
+
+
+def test_every_problem_is_reported_with_its_key_path(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[node]
+port = 0
+ae_title = "A_TITLE_FAR_TOO_LONG"
+colour = "blue"
+[[peers]]
+ae_title = "VIEWER"
+host = "127.0.0.1"
+port = 70000
+[access]
+allowed_calling_aets = ["OK", "BAD\\\\AE"]
+[query]
+top_k = 500
+max_top_k = 50
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    problems = caught.value.problems
+    assert any(p.startswith("node.port:") and "0" in p for p in problems)
+    assert any(p.startswith("node.ae_title: must be at most 16 characters") for p in problems)
+    assert "node.colour: unknown key" in problems
+    assert any(p.startswith("peers[0].port:") and "70000" in p for p in problems)
+    assert any(p.startswith("access.allowed_calling_aets[1]:") for p in problems)
+    assert any(p.startswith("query:") and "max_top_k" in p for p in problems)
+    assert len(problems) == 6
+
+
+def test_duplicate_peers_and_equal_titles_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[node]
+ae_title = "SAME"
+similar_ae_title = "SAME"
+[[peers]]
+ae_title = "V"
+host = "h"
+port = 104
+[[peers]]
+ae_title = "V"
+host = "h2"
+port = 105
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    text = str(caught.value)
+    assert "ae_title and similar_ae_title must differ" in text
+    assert "repeated: V" in text
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[node\nport = 1"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_relative_paths_are_taken_from_the_file_folder(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[node]\ndata_dir = "store"\n[model]\npath = "m"\n'))
+    assert settings.node.data_dir == tmp_path / "store"
+    assert settings.model.path == tmp_path / "m"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    good = run_cli("config", "check", str(write(tmp_path, '[node]\nport = 4242\n')))
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout and "4242" in good.stdout
+    bad = run_cli("config", "check", str(write(tmp_path, "[node]\nport = -1\n[scheduler]\nbatch_size = 0\n")))
+    assert bad.returncode == 2
+    assert "node.port:" in bad.stderr and "scheduler.batch_size:" in bad.stderr
