@@ -1,0 +1,73 @@
+"""The catalog on a real SQLite database: duplicates, conflicts, report amendments, embedding state."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.catalog import AddOutcome, Catalog, InstanceAttrs, ReportAttrs, SeriesAttrs, StudyAttrs
+from indexer.schema import Instance, Kind, Report
+
+
+@pytest.fixture()
+def catalog(tmp_path: Path) -> Catalog:
+    cat = Catalog(f"sqlite:///{tmp_path / 'catalog.sqlite3'}")
+    yield cat
+    cat.close()
+
+
+def instance(sop: str, kind: Kind = Kind.IMAGE) -> InstanceAttrs:
+    return InstanceAttrs(sop_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", transfer_syntax="1.2.840.10008.1.2.1",
+                         path=f"x/{sop}.dcm", size_bytes=10, kind=kind)
+
+
+def add(catalog: Catalog, study: str, sop: str, series: str = "", report: ReportAttrs | None = None) -> AddOutcome:
+    kind = Kind.REPORT if report else Kind.IMAGE
+    return catalog.add_instance(StudyAttrs(study, patient_id="P"), SeriesAttrs(series or f"{study}.1"),
+                                instance(sop, kind), report)
+
+
+def test_sqlite_runs_in_wal_mode(catalog: Catalog) -> None:
+    with catalog.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_duplicate_and_conflict(catalog: Catalog) -> None:
+    assert add(catalog, "1.1", "1.1.1.1") is AddOutcome.STORED
+    assert catalog.find_instance_study("1.1.1.1") == "1.1"
+    assert add(catalog, "1.1", "1.1.1.1") is AddOutcome.DUPLICATE  # the unique constraint decides races
+    assert add(catalog, "1.2", "1.1.1.1") is AddOutcome.CONFLICT
+    assert len(catalog.pending_images(10)) == 1
+
+
+def test_newer_report_replaces_older_and_late_older_does_not(catalog: Catalog) -> None:
+    add(catalog, "1.1", "9.1", report=ReportAttrs("first", "20240101100000"))
+    add(catalog, "1.1", "9.2", report=ReportAttrs("amended", "20240101120000"))
+    add(catalog, "1.1", "9.3", report=ReportAttrs("late copy of an older one", "20240101110000"))
+    pending = catalog.pending_reports(10)
+    assert [p.payload for p in pending] == ["amended"]
+    with catalog.session() as session:
+        current = [r.text for r in session.query(Report).filter(Report.current.is_(True))]
+    assert current == ["amended"]
+
+
+def test_results_mark_studies_dirty_and_study_vectors_get_sequence_numbers(catalog: Catalog) -> None:
+    add(catalog, "1.1", "1.1.1.1")
+    add(catalog, "1.1", "1.1.1.2")
+    add(catalog, "1.2", "1.2.1.1")
+    items = catalog.pending_images(10)
+    vectors = {items[0].id: np.ones(4, np.float32), items[1].id: np.full(4, 3, np.float32)}
+    catalog.save_results(Instance, vectors, {items[2].id: "ModelError: cannot decode"},
+                         {items[0].study_pk, items[1].study_pk})
+    assert catalog.state_counts() == {"image.indexed": 2, "image.failed": 1}
+    dirty = catalog.dirty_studies(10)
+    assert dirty == [items[0].study_pk]
+    images, report = catalog.study_inputs(dirty)[dirty[0]]
+    assert len(images) == 2 and report is None
+    seq = catalog.set_study_vectors({dirty[0]: (np.full(4, 2, np.float32), np.zeros(14, np.float32))}, "v1", dirty)
+    assert catalog.dirty_studies(10) == []
+    (pks, matrix), = list(catalog.study_vectors(after_seq=0))
+    assert pks.tolist() == dirty and matrix[0].tolist() == [2, 2, 2, 2]
+    assert list(catalog.study_vectors(after_seq=seq)) == []
