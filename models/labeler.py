@@ -92,7 +92,7 @@ FINDINGS: dict[str, tuple[str, ...]] = {
     ),
     "Consolidation": (r"consolidat(?:ion|ions|ive|ed)",),
     "Pneumonia": (r"pneumonias?", r"pneumonitis", r"infection", r"infectious(?: process)?", r"bronchopneumonia"),
-    "Atelectasis": (r"atelecta\w+", r"(?:lobar|lung|segmental) collapse", r"collapse of the \w+ (?:lobe|lung)"),
+    "Atelectasis": (r"atelecta\w+", r"(?:lobar|lung|segmental) collapse", r"collapse of (?:\w+ ){0,4}?(?:lobes?|lungs?)"),
     "Pneumothorax": (r"pneumothora(?:x|ces)", r"hydropneumothorax", r"hemopneumothorax"),
     "Pleural Effusion": (
         r"effusions?",
@@ -140,7 +140,8 @@ FINDINGS: dict[str, tuple[str, ...]] = {
         r"chronic obstructive",
         r"granulom\w*",
         r"calcifi\w+",
-        r"scoliosis",
+        r"(?:dextro|levo|rotary )?scolio\w*",
+        r"foreign bod(?:y|ies)",
         r"kyphos\w+",
         r"degenerat\w+",
         r"spondylosis",
@@ -209,7 +210,11 @@ UNMENTIONS: dict[str, tuple[str, ...]] = {
     ),
     "Atelectasis": (r"vertebral (?:body )?collapse",),
     "Support Devices": (r"tube ?current",),
-    "Pneumonia": (r"infectious disease",),
+    "Pneumonia": (
+        r"infectious disease",
+        r"(?:(?:prior|previous|old|remote|healed) )?(?:granulomatous|tuberculous|tuberculosis|tb) infection",
+        r"(?:prior|previous|old|remote|healed) infection",
+    ),
 }
 
 # Mentions that are uncertain by themselves (CheXpert: congestion suggests, not shows, edema).
@@ -229,14 +234,14 @@ _PRE_NEG_UNCERTAIN = re.compile(
 )
 _PRE_NEG = re.compile(
     r"\b(?:no|not|without|negative for|free of|absence of|absent|resolution of|resolved|clear(?:ing)? of"
-    r"|removal of|removed|rather than|ruled out|exclude[sd]?|interval clearing of|neither|nor|never)\b"
+    r"|removal of|removed|rather than|ruled out|history of|exclude[sd]?|interval clearing of|neither|nor|never)\b"
 )
 _PRE_UNCERTAIN = re.compile(
     r"\b(?:possible|possibly|probable|probably|questionable|question of|questioned|suspect\w*|suspicious"
     r"|suspicion|concern(?:ing)? for|worrisome|may|might|could|can|would|suggest\w*|presum\w+|equivocal"
     r"|indeterminate|differential|versus|vs|consider|considered|cannot be|correlat\w+|uncertain|borderline"
     r"|not (?:well|clearly) (?:seen|visualized|evaluated)|poorly (?:seen|visualized|evaluated)"
-    r"|obscur\w+|compatible with|\?)"
+    r"|obscur\w+|consideration|\?)"
     r"|\bor\s+(?:\S+\s+){0,2}$|\band/or\b"
 )
 _POST_WINDOW = r"^\W*(?:(?!but\b|however\b|although\b|which\b|and (?:there|the|it)\b)[\w/]+\W+){0,4}?"
@@ -251,7 +256,7 @@ _POST_UNCERTAIN = re.compile(
     + r"(?:(?:is|are|was|were|has|have|appears?)\s+)?"
     r"(?:not (?:entirely |completely )?excluded|not ruled out|possible|suspected|questioned|questionable|less likely"
     r"|cannot be (?:entirely |completely )?(?:excluded|ruled out)|(?:may|might|could) be (?:present|seen|noted)"
-    r"|versus|vs|or\b)"
+    r"|versus|vs|or\b|(?:would be |is )?(?:a |another )?consideration)"
 )
 _ANATOMY_NEG = re.compile(
     r"\b(?:normal|unremarkable|within normal limits|(?:is|are|appears?|remains?) normal|not (?:enlarged|widened|large)"
@@ -343,7 +348,8 @@ def _anatomy_status(pre: str, post: str) -> int | None:
     near = pre[-25:] + " " + post
     if _PRE_NEG_UNCERTAIN.search(pre):
         return UNCERTAIN
-    if _PRE_NEG.search(_PSEUDO.sub(" ", pre)) or _ANATOMY_NEG.search(near) and not _ANATOMY_POSITIVE.search(near):
+    said_normal = _ANATOMY_NEG.search(near) and not _ANATOMY_POSITIVE.search(_ANATOMY_NEG.sub(" ", near))
+    if _PRE_NEG.search(_PSEUDO.sub(" ", pre)) or said_normal:
         return NEGATIVE
     if _ANATOMY_UNCERTAIN.search(near) or _PRE_UNCERTAIN.search(pre):
         return UNCERTAIN
