@@ -262,10 +262,12 @@ _ANATOMY_NEG = re.compile(
     r"\b(?:normal|unremarkable|within normal limits|(?:is|are|appears?|remains?) normal|not (?:enlarged|widened|large)"
     r"|no (?:enlargement|widening)|negative|within (?:the )?(?:range of )?normal)\b"
 )
+_ANATOMY_BORDERLINE = re.compile(
+    r"\b(?:borderline|upper (?:limits?|range) of normal|top(?: of)? normal|high normal|upper normal)\b"
+)
 _ANATOMY_UNCERTAIN = re.compile(
-    r"\b(?:borderline|upper (?:limits?|range) of normal|top(?: of)? normal|top normal|high normal|stable|unchanged"
-    r"|similar|obscured|not (?:well )?(?:seen|visualized|assessed|evaluated)|difficult to (?:assess|evaluate)"
-    r"|mildly prominent|possibl\w+|may be|questionabl\w+)\b"
+    r"\b(?:stable|unchanged|similar|obscured|not (?:well )?(?:seen|visualized|assessed|evaluated)"
+    r"|difficult to (?:assess|evaluate)|mildly prominent|possibl\w+|may be|questionabl\w+)\b"
 )
 _ANATOMY_POSITIVE = re.compile(
     r"\b(?:enlarge\w*|large|widen\w*|wide|prominen\w+|increased|cardiomegaly|abnormal)\b"
@@ -346,7 +348,7 @@ def _finding_status(pre: str, post: str, inside: str) -> int:
 def _anatomy_status(pre: str, post: str) -> int | None:
     """Status of an anatomy mention; None when the clause says nothing about its size."""
     near = pre[-25:] + " " + post
-    if _PRE_NEG_UNCERTAIN.search(pre):
+    if _PRE_NEG_UNCERTAIN.search(pre) or _ANATOMY_BORDERLINE.search(near):
         return UNCERTAIN
     said_normal = _ANATOMY_NEG.search(near) and not _ANATOMY_POSITIVE.search(_ANATOMY_NEG.sub(" ", near))
     if _PRE_NEG.search(_PSEUDO.sub(" ", pre)) or said_normal:
