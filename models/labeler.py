@@ -85,13 +85,14 @@ FINDINGS: dict[str, tuple[str, ...]] = {
         r"heart failure",
         r"chf",
         r"(?:vascular|pulmonary|venous) congestion",
-        r"(?:vascular|interstitial) (?:prominence|indistinctness)",
+        r"vascular (?:prominence|indistinctness)",
+        r"prominence of the (?:pulmonary )?vascular\w*",
         r"cephalization",
         r"kerley b?",
     ),
     "Consolidation": (r"consolidat(?:ion|ions|ive|ed)",),
     "Pneumonia": (r"pneumonias?", r"pneumonitis", r"infection", r"infectious(?: process)?", r"bronchopneumonia"),
-    "Atelectasis": (r"atelecta\w+", r"(?:lobar|lung|segmental) collapse", r"collapse of the \w+ (?:lobe|lung)"),
+    "Atelectasis": (r"atelecta\w+", r"(?:lobar|lung|segmental) collapse", r"collapse of (?:\w+ ){0,4}?(?:lobes?|lungs?)"),
     "Pneumothorax": (r"pneumothora(?:x|ces)", r"hydropneumothorax", r"hemopneumothorax"),
     "Pleural Effusion": (
         r"effusions?",
@@ -104,6 +105,7 @@ FINDINGS: dict[str, tuple[str, ...]] = {
     "Pleural Other": (
         r"pleural (?:thickening|scar\w*|plaques?|calcifications?|based (?:scar\w*|thickening))",
         r"pleuro ?parenchymal (?:scar\w*|thickening)",
+        r"pleural peripheral (?:scar\w*|thickening)",
         r"fibrothorax",
         r"apical (?:pleural )?(?:cap|capping)",
         r"thickening of the pleura",
@@ -126,6 +128,11 @@ FINDINGS: dict[str, tuple[str, ...]] = {
         r"(?:orthopedic |surgical |spinal |fixation )?hardware",
         r"(?:devices?|apparatus|arthroplast\w*|coils?)",
         r"(?:fixation |surgical )?(?:plates?|screws?|rods?)",
+        r"(?:pacemaker|pacer|monitor|monitoring|ekg|ecg|cardiac|external) leads?|leads",
+        r"(?:pulse |battery )?generator",
+        r"prosthes[ie]s|(?:bone )?anchors?|occluder|(?:ivc|caval) filter|closure device",
+        r"sutures?|suture material",
+        r"(?:distal )?tip (?:projects|projecting|overl\w+|terminat\w+|approximat\w+|extends|at|in|is)",
     ),
     OTHER: (
         r"emphysema\w*",
@@ -133,7 +140,8 @@ FINDINGS: dict[str, tuple[str, ...]] = {
         r"chronic obstructive",
         r"granulom\w*",
         r"calcifi\w+",
-        r"scoliosis",
+        r"(?:dextro|levo|rotary )?scolio\w*",
+        r"foreign bod(?:y|ies)",
         r"kyphos\w+",
         r"degenerat\w+",
         r"spondylosis",
@@ -158,6 +166,7 @@ FINDINGS: dict[str, tuple[str, ...]] = {
         r"bronchiectasis",
         r"(?:interstitial|bronchovascular|reticular|lung|pulmonary) markings",
         r"reticula\w+",
+        r"interstitial (?:prominence|changes?|pattern|thickening)",
         r"pneumo(?:peritoneum|mediastinum)",
         r"hypoinflat\w+|low lung volumes?|(?:lung|pulmonary) volumes are low",
         r"volume loss",
@@ -185,18 +194,33 @@ ANATOMY: dict[str, tuple[str, ...]] = {
     ),
 }
 
-UNMENTIONS: tuple[str, ...] = (
-    r"pericardial effusions?",
-    r"(?:pleural|pleuro ?parenchymal) (?:scar\w*|thickening|plaques?|calcifications?)",  # not Lung Opacity
-    r"(?:soft tissue|breast|nipple) (?:densit\w+|opacit\w+|mass\w*|shadows?)",
-    r"(?:bone|bony|osseous) (?:densit\w+|mass\w*)",
-    r"(?:density|densities) (?:of|in) the (?:soft tissues?|bones?)",
-    r"vertebral (?:body )?collapse",
-    r"mass effect",
-    r"(?:calcified|granulomatous) (?:nodules?|densit\w+|opacit\w+)",  # granulomas: Other, as CheXpert
-    r"tube ?current",
-    r"infectious disease",
-)
+# Phrases that contain a mention but are not one, per observation ("pericardial effusion").
+UNMENTIONS: dict[str, tuple[str, ...]] = {
+    "Pleural Effusion": (r"pericardial effusions?",),
+    "Lung Opacity": (
+        r"(?:pleural|pleuro ?parenchymal|pleural peripheral) (?:opacit\w+|densit\w+)?\s?(?:scar\w*|thickening|plaques?)",
+        r"(?:soft tissue|breast|nipple|bone|bony|osseous) (?:densit\w+|opacit\w+)",
+        r"(?:density|densities) (?:of|in) the (?:soft tissues?|bones?)",
+        r"(?:calcified|granulomatous) (?:densit\w+|opacit\w+)",
+    ),
+    "Lung Lesion": (
+        r"(?:soft tissue|breast|nipple|bone|bony|osseous) mass\w*",
+        r"mass effect",
+        r"(?:calcified|granulomatous) (?:nodules?|nodular densit\w+)",  # granulomas: Other, as CheXpert
+    ),
+    "Atelectasis": (r"vertebral (?:body )?collapse",),
+    "Support Devices": (r"tube ?current",),
+    "Pneumonia": (
+        r"infectious disease",
+        r"(?:(?:prior|previous|old|remote|healed) )?(?:granulomatous|tuberculous|tuberculosis|tb) infection",
+        r"(?:prior|previous|old|remote|healed) infection",
+    ),
+}
+
+# Mentions that are uncertain by themselves (CheXpert: congestion suggests, not shows, edema).
+_INHERENTLY_UNCERTAIN = re.compile(r"congestion|prominence|indistinctness|cephalization")
+# Heart failure mentioned (positive or uncertain) makes Cardiomegaly uncertain, as in CheXpert.
+_HEART_FAILURE = re.compile(r"heart failure|chf")
 
 _PSEUDO = re.compile(
     r"\b(?:no (?:significant |interval |substantial )?(?:change|increase|decrease|further|longer (?:any )?change)"
@@ -210,14 +234,14 @@ _PRE_NEG_UNCERTAIN = re.compile(
 )
 _PRE_NEG = re.compile(
     r"\b(?:no|not|without|negative for|free of|absence of|absent|resolution of|resolved|clear(?:ing)? of"
-    r"|removal of|removed|rather than|ruled out|exclude[sd]?|interval clearing of|neither|nor|never)\b"
+    r"|removal of|removed|rather than|ruled out|history of|exclude[sd]?|interval clearing of|neither|nor|never)\b"
 )
 _PRE_UNCERTAIN = re.compile(
     r"\b(?:possible|possibly|probable|probably|questionable|question of|questioned|suspect\w*|suspicious"
     r"|suspicion|concern(?:ing)? for|worrisome|may|might|could|can|would|suggest\w*|presum\w+|equivocal"
-    r"|indeterminate|differential|versus|vs|consider\w*|cannot be|correlat\w+|uncertain|borderline"
+    r"|indeterminate|differential|versus|vs|consider|considered|cannot be|correlat\w+|uncertain|borderline"
     r"|not (?:well|clearly) (?:seen|visualized|evaluated)|poorly (?:seen|visualized|evaluated)"
-    r"|obscur\w+|compatible with|\?)"
+    r"|obscur\w+|consideration|\?)"
     r"|\bor\s+(?:\S+\s+){0,2}$|\band/or\b"
 )
 _POST_WINDOW = r"^\W*(?:(?!but\b|however\b|although\b|which\b|and (?:there|the|it)\b)[\w/]+\W+){0,4}?"
@@ -232,16 +256,18 @@ _POST_UNCERTAIN = re.compile(
     + r"(?:(?:is|are|was|were|has|have|appears?)\s+)?"
     r"(?:not (?:entirely |completely )?excluded|not ruled out|possible|suspected|questioned|questionable|less likely"
     r"|cannot be (?:entirely |completely )?(?:excluded|ruled out)|(?:may|might|could) be (?:present|seen|noted)"
-    r"|versus|vs|or\b)"
+    r"|versus|vs|or\b|(?:would be |is )?(?:a |another )?consideration)"
 )
 _ANATOMY_NEG = re.compile(
     r"\b(?:normal|unremarkable|within normal limits|(?:is|are|appears?|remains?) normal|not (?:enlarged|widened|large)"
     r"|no (?:enlargement|widening)|negative|within (?:the )?(?:range of )?normal)\b"
 )
+_ANATOMY_BORDERLINE = re.compile(
+    r"\b(?:borderline|upper (?:limits?|range) of normal|top(?: of)? normal|high normal|upper normal)\b"
+)
 _ANATOMY_UNCERTAIN = re.compile(
-    r"\b(?:borderline|upper (?:limits?|range) of normal|top(?: of)? normal|top normal|high normal|stable|unchanged"
-    r"|similar|obscured|not (?:well )?(?:seen|visualized|assessed|evaluated)|difficult to (?:assess|evaluate)"
-    r"|mildly prominent|possibl\w+|may be|questionabl\w+)\b"
+    r"\b(?:stable|unchanged|similar|obscured|not (?:well )?(?:seen|visualized|assessed|evaluated)"
+    r"|difficult to (?:assess|evaluate)|mildly prominent|possibl\w+|may be|questionabl\w+)\b"
 )
 _ANATOMY_POSITIVE = re.compile(
     r"\b(?:enlarge\w*|large|widen\w*|wide|prominen\w+|increased|cardiomegaly|abnormal)\b"
@@ -277,7 +303,7 @@ def _compile(patterns: Sequence[str]) -> re.Pattern[str]:
 
 _FINDING_RE = {obs: _compile(p) for obs, p in FINDINGS.items()}
 _ANATOMY_RE = {obs: _compile(p) for obs, p in ANATOMY.items()}
-_UNMENTION_RE = _compile(UNMENTIONS)
+_UNMENTION_RE = {obs: _compile(p) for obs, p in UNMENTIONS.items()}
 
 
 def normalise(text: str) -> str:
@@ -314,7 +340,7 @@ def _finding_status(pre: str, post: str, inside: str) -> int:
         return UNCERTAIN
     if _PRE_NEG.search(pre) or _POST_NEG.search(post) or re.search(r"\bnot\b", inside):
         return NEGATIVE
-    if _PRE_UNCERTAIN.search(pre) or _POST_UNCERTAIN.search(post):
+    if _PRE_UNCERTAIN.search(pre) or _POST_UNCERTAIN.search(post) or _INHERENTLY_UNCERTAIN.search(inside):
         return UNCERTAIN
     return POSITIVE
 
@@ -322,9 +348,10 @@ def _finding_status(pre: str, post: str, inside: str) -> int:
 def _anatomy_status(pre: str, post: str) -> int | None:
     """Status of an anatomy mention; None when the clause says nothing about its size."""
     near = pre[-25:] + " " + post
-    if _PRE_NEG_UNCERTAIN.search(pre):
+    if _PRE_NEG_UNCERTAIN.search(pre) or _ANATOMY_BORDERLINE.search(near):
         return UNCERTAIN
-    if _PRE_NEG.search(_PSEUDO.sub(" ", pre)) or _ANATOMY_NEG.search(near) and not _ANATOMY_POSITIVE.search(near):
+    said_normal = _ANATOMY_NEG.search(near) and not _ANATOMY_POSITIVE.search(_ANATOMY_NEG.sub(" ", near))
+    if _PRE_NEG.search(_PSEUDO.sub(" ", pre)) or said_normal:
         return NEGATIVE
     if _ANATOMY_UNCERTAIN.search(near) or _PRE_UNCERTAIN.search(pre):
         return UNCERTAIN
@@ -335,21 +362,21 @@ def _anatomy_status(pre: str, post: str) -> int | None:
 
 def _sentence_mentions(sentence: str) -> list[Mention]:
     """Classified mentions of one normalised sentence."""
-    blocked = [m.span() for m in _UNMENTION_RE.finditer(sentence)]
+    blocked = {obs: [m.span() for m in p.finditer(sentence)] for obs, p in _UNMENTION_RE.items()}
 
-    def free(span: tuple[int, int]) -> bool:
-        return not any(s < span[1] and span[0] < e for s, e in blocked)
+    def free(obs: str, span: tuple[int, int]) -> bool:
+        return not any(s < span[1] and span[0] < e for s, e in blocked.get(obs, ()))
 
     found: list[Mention] = []
     for obs, pattern in _FINDING_RE.items():
         for m in pattern.finditer(sentence):
-            if free(m.span()):
+            if free(obs, m.span()):
                 pre, post = _clause_before(sentence, m.start()), _clause_after(sentence, m.end())
                 found.append(Mention(obs, m.group(0), _finding_status(pre, post, m.group(0))))
     for obs, pattern in _ANATOMY_RE.items():
         for m in pattern.finditer(sentence):
             status = _anatomy_status(_clause_before(sentence, m.start()), _clause_after(sentence, m.end()))
-            if status is not None and free(m.span()):
+            if status is not None and free(obs, m.span()):
                 found.append(Mention(obs, m.group(0), status))
     return found
 
@@ -365,7 +392,12 @@ def aggregate(mentions: Sequence[Mention]) -> tuple[int | None, ...]:
     """CheXpert aggregation: positive > uncertain > negative per observation; No Finding rule."""
     best: dict[str, int] = {}
     rank = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
-    for m in mentions:
+    implied = [
+        Mention("Cardiomegaly", m.phrase, UNCERTAIN)
+        for m in mentions
+        if m.observation == "Edema" and m.status != NEGATIVE and _HEART_FAILURE.fullmatch(m.phrase)
+    ]
+    for m in [*mentions, *implied]:
         if m.observation not in best or rank[m.status] > rank[best[m.observation]]:
             best[m.observation] = m.status
     abnormal = any(

@@ -13,7 +13,8 @@ over ``OBSERVATIONS`` with the rules of ``TERM_TO_OBSERVATION`` plus three quali
 - ``normal`` is "No Finding"; reports tagged ``No Indexing`` have no reference and are skipped.
 
 Run ``python -m models.mesh NLMCXR_reports.tgz`` to print per-class precision / recall / F1 and
-support of the labeler (positive = raw label 1, i.e. U-Zero) against these references, on a
+support of the labeler (positive = raw 1 under U-Zero; raw 1 or -1 under U-Ones) against these
+references, on a
 development part and a held-out part of the reports (report number % 5 == 0 is held out).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.datasets import IUReport, iter_iu_reports
-from models.labeler import label_report
+from models.labeler import Policy, apply_policy, label_report
 from models.observations import NUM_OBSERVATIONS, OBSERVATIONS
 
 TERM_TO_OBSERVATION: dict[str, tuple[str, ...]] = {
@@ -71,6 +72,7 @@ NON_LUNG_SITES = frozenset({
     "mitral valve", "pleura", "heart ventricles", "aorta", "neck", "cervical vertebrae", "trachea",
 })  # fmt: skip
 NOT_INDEXED = "No Indexing"
+POLICIES = (Policy.U_ZERO.value, Policy.U_ONES.value)
 _INDEX = {name: i for i, name in enumerate(OBSERVATIONS)}
 
 
@@ -136,16 +138,24 @@ def is_held_out(report: IUReport) -> bool:
     return bool(digits) and int(digits) % 5 == 0
 
 
-def evaluate(reports: Iterable[IUReport]) -> dict[str, tuple[int, list[ClassScore]]]:
-    """Labeler (U-Zero positives) against MeSH references: {part: (number of reports, scores)}."""
-    parts: dict[str, tuple[list[tuple[int, ...]], list[tuple[int, ...]]]] = {"dev": ([], []), "held-out": ([], [])}
+def evaluate(reports: Iterable[IUReport]) -> dict[str, tuple[int, dict[str, list[ClassScore]]]]:
+    """Labeler against MeSH references: {part: (number of reports, {policy: scores})}.
+
+    A labeler positive is a raw 1 under U-Zero, a raw 1 or -1 under U-Ones.
+    """
+    parts: dict[str, tuple[list[tuple[int | None, ...]], list[tuple[int, ...]]]] = {"dev": ([], []), "held-out": ([], [])}
     for report in reports:
         if not report.text.strip() or not report.mesh_major or NOT_INDEXED in report.mesh_major:
             continue
-        pred, ref = parts["held-out" if is_held_out(report) else "dev"]
-        pred.append(tuple(int(v == 1) for v in label_report(report.text)))
+        raw, ref = parts["held-out" if is_held_out(report) else "dev"]
+        raw.append(label_report(report.text))
         ref.append(mesh_labels(report.mesh_major))
-    return {name: (len(p), agreement(np.array(p), np.array(r))) for name, (p, r) in parts.items() if p}
+    result = {}
+    for name, (raw, ref) in parts.items():
+        if raw:
+            by_policy = {policy: np.array([apply_policy(r, policy) for r in raw]) for policy in POLICIES}
+            result[name] = (len(raw), {policy: agreement(pred, np.array(ref)) for policy, pred in by_policy.items()})
+    return result
 
 
 def _fmt(value: float | None) -> str:
@@ -167,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tgz", help="NLMCXR_reports.tgz (Open-i/IU XML reports)")
     args = parser.parse_args(argv)
-    for part, (count, scores) in evaluate(iter_iu_reports(args.tgz)).items():
-        print(f"## {part}: {count} reports\n\n{markdown_table(scores)}\n")
+    for part, (count, by_policy) in evaluate(iter_iu_reports(args.tgz)).items():
+        for policy, scores in by_policy.items():
+            print(f"## {part}: {count} reports, {policy}\n\n{markdown_table(scores)}\n")
     return 0
 
 
