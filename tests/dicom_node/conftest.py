@@ -1,0 +1,50 @@
+"""Fixtures for node tests: a small random MMDL model and a running node on a free loopback port."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config import Settings, settings_from_mapping
+from dicom_node.server import Node
+from tests.helpers import free_port
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the MMDL architecture with random weights (the trained one is another issue's work)."""
+    from models.bundle import create_random_model
+
+    directory = tmp_path_factory.mktemp("model") / "random-mmdl"
+    create_random_model(directory, seed=0, device="cpu")
+    return directory
+
+
+def node_settings(data_dir: Path, model_dir: Path, **sections: dict[str, Any]) -> Settings:
+    base: dict[str, Any] = {
+        "node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(data_dir)},
+        "scheduler": {"interval_s": 0.2, "batch_size": 8},
+        "model": {"path": str(model_dir), "device": "cpu"},
+        "index": {"snapshot_interval_s": 3600},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values} if isinstance(values, dict) else values
+    return settings_from_mapping(base)
+
+
+@pytest.fixture()
+def start_node(tmp_path: Path, random_model_dir: Path) -> Iterator[Callable[..., Node]]:
+    """Start a node on a free port; extra keyword arguments override settings sections."""
+    nodes: list[Node] = []
+
+    def start(**sections: Any) -> Node:
+        node = Node(node_settings(tmp_path / "node", random_model_dir, **sections))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()

@@ -1,0 +1,298 @@
+"""The node over real associations on loopback: dcmtk tools and pynetdicom as its peers."""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    BasicTextSRStorage,
+    DigitalXRayImageStorageForPresentation,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from dicom_node.server import Node
+from dicom_node.similar import EXCLUDE_SAME_PATIENT, MODEL_VERSION, PRIVATE_CREATOR, PRIVATE_GROUP, RANK, SCORE, TOP_K
+from dicom_node.status import Status
+from indexer.schema import Instance, Study
+from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
+from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
+
+FIND = StudyRootQueryRetrieveInformationModelFind
+
+
+@pytest.fixture(scope="module")
+def studies(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
+    """Five studies from NIH images (two share a patient), each a DX image and a Basic Text SR report."""
+    folder = tmp_path_factory.mktemp("studies")
+    pngs = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[:5]
+    reports = [("Heart size is normal. Lungs are clear.", "No acute disease."),
+               ("Enlarged cardiac silhouette.", "Cardiomegaly."),
+               ("Right lower lobe airspace opacity.", "Pneumonia."),
+               ("Small left pleural effusion.", "Effusion."),
+               ("Heart size normal. No effusion.", "Normal chest.")]
+    result = []
+    for i, (png, (findings, impression)) in enumerate(zip(pngs, reports)):
+        study_uid = generate_uid(prefix="1.2.826.0.1.3680043.8.498.")
+        patient = "PAT-A" if i in (0, 4) else f"PAT-{i}"
+        image = dx_from_png(png, study_uid, patient, f"ACC{i}")
+        image.StudyDate = f"2024010{i + 1}"
+        report = basic_text_sr(study_uid, patient, f"ACC{i}", findings, impression)
+        report.StudyDate = image.StudyDate
+        result.append({"uid": study_uid, "image": save(image, folder / str(i)), "report": save(report, folder / str(i)),
+                       "patient": patient, "accession": f"ACC{i}", "sop": str(image.SOPInstanceUID)})
+    return result
+
+
+def storescu(node: Node, *files: Path, called: str = "MMDL_NODE") -> subprocess.CompletedProcess[str]:
+    return dcmtk("storescu", "-aet", "PACS", "-aec", called, "127.0.0.1", node.port, *files)
+
+
+def find(node: Node, query: Dataset, called: str = "MMDL_NODE") -> tuple[list[Dataset], Dataset]:
+    """(pending identifiers, final status) of one C-FIND over pynetdicom."""
+    ae = AE("VIEWER")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
+    assert assoc.is_established
+    answers, final = [], Dataset()
+    for status, identifier in assoc.send_c_find(query, FIND):
+        if status.Status == Status.PENDING:
+            answers.append(identifier)
+        else:
+            final = status
+    assoc.release()
+    return answers, final
+
+
+def study_query(**keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for keyword in ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "ModalitiesInStudy",
+                    "StudyDescription", "NumberOfStudyRelatedInstances"):
+        setattr(ds, keyword, keys.get(keyword, ""))
+    return ds
+
+
+def indexed(node: Node, n_studies: int) -> Callable[[], bool]:
+    return lambda: len(node.index) >= n_studies and not node.catalog.dirty_studies(1) \
+        and not node.catalog.pending_images(1) and not node.catalog.pending_reports(1)
+
+
+@pytest.fixture()
+def loaded(start_node: Callable[..., Node], studies: list[dict[str, object]]) -> Node:
+    node = start_node(peers=[])
+    files = [s["image"] for s in studies] + [s["report"] for s in studies]
+    result = storescu(node, *files)
+    assert result.returncode == 0, result.stderr
+    wait_until(indexed(node, len(studies)), 120, "all studies to be indexed")
+    return node
+
+
+def test_echo_on_both_titles_and_unknown_called_title_rejected(start_node: Callable[..., Node]) -> None:
+    node = start_node()
+    for title in ("MMDL_NODE", "MMDL_SIMILAR"):
+        assert dcmtk("echoscu", "-aec", title, "127.0.0.1", node.port).returncode == 0
+    refused = dcmtk("echoscu", "-aec", "SOMEONE_ELSE", "127.0.0.1", node.port)
+    assert refused.returncode != 0
+    assert "Called AE Title Not Recognized" in refused.stderr
+
+
+def test_calling_title_not_in_allowlist_rejected(start_node: Callable[..., Node]) -> None:
+    node = start_node(access={"allowed_calling_aets": ["PACS"]})
+    assert dcmtk("echoscu", "-aet", "PACS", "-aec", "MMDL_NODE", "127.0.0.1", node.port).returncode == 0
+    refused = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "MMDL_NODE", "127.0.0.1", node.port)
+    assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stderr
+
+
+def test_store_keeps_the_bytes_and_catalogs_once(loaded: Node, studies: list[dict[str, object]]) -> None:
+    sent = studies[0]["image"]
+    sop = studies[0]["sop"]
+    with loaded.catalog.session() as session:
+        row = session.query(Instance).filter_by(sop_uid=sop).one()
+        stored = loaded.store.absolute(row.path)
+    assert stored.is_file() and stored.is_relative_to(loaded.settings.node.data_dir)
+    original, kept = dcmread(sent), dcmread(stored)
+    assert kept.PixelData == original.PixelData and kept.SOPInstanceUID == sop
+    # Sending the same instances again changes nothing.
+    assert storescu(loaded, sent, studies[0]["report"]).returncode == 0
+    with loaded.catalog.session() as session:
+        assert session.query(Instance).count() == 2 * len(studies)
+        assert session.query(Study).count() == len(studies)
+    assert loaded.catalog.pending_images(10) == [] and len(loaded.index) == len(studies)
+
+
+def test_conflicting_duplicate_refused_and_original_kept(loaded: Node, studies: list[dict[str, object]],
+                                                         tmp_path: Path) -> None:
+    forged = dcmread(studies[1]["image"])
+    forged.StudyInstanceUID = generate_uid()
+    forged.PixelData = bytes(len(forged.PixelData))
+    path = tmp_path / "forged.dcm"
+    forged.save_as(path)
+    ae = AE("PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", loaded.port, ae_title="MMDL_NODE")
+    assert assoc.send_c_store(path).Status == Status.DUPLICATE_CONFLICT
+    assoc.release()
+    with loaded.catalog.session() as session:
+        row = session.query(Instance).filter_by(sop_uid=studies[1]["sop"]).one()
+        assert dcmread(loaded.store.absolute(row.path)).PixelData == dcmread(studies[1]["image"]).PixelData
+    assert not list((loaded.settings.node.data_dir / "storage").glob(f"{forged.StudyInstanceUID}*"))
+
+
+@pytest.mark.parametrize(("attribute", "bad_uid"), [
+    ("SOPInstanceUID", "../../../../tmp/evil"), ("SOPInstanceUID", "1.2.3/4"),
+    ("StudyInstanceUID", "1" * 70), ("SeriesInstanceUID", "1.2.abc"), ("StudyInstanceUID", "../.."),
+])
+def test_bad_uids_refused_and_nothing_written_outside(start_node: Callable[..., Node], studies: list[dict[str, object]],
+                                                      attribute: str, bad_uid: str) -> None:
+    node = start_node()
+    ds = dcmread(studies[0]["image"])
+    setattr(ds, attribute, bad_uid)
+    ae = AE("PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert attribute in status.ErrorComment
+    data_dir = node.settings.node.data_dir
+    assert not list((data_dir / "storage").rglob("*.dcm"))
+    assert not Path("/tmp/evil").exists() and not (data_dir.parent / "evil").exists()
+
+
+def test_find_matching_at_every_level(loaded: Node, studies: list[dict[str, object]]) -> None:
+    answers, final = find(loaded, study_query(PatientID="PAT-A"))
+    assert final.Status == 0 and sorted(a.StudyInstanceUID for a in answers) == sorted(
+        s["uid"] for s in studies if s["patient"] == "PAT-A")
+    assert all(list(a.ModalitiesInStudy) == ["DX", "SR"] and a.NumberOfStudyRelatedInstances == 2 for a in answers)
+    assert len(find(loaded, study_query(PatientID="PAT-?"))[0]) == 5
+    assert {a.StudyDate for a in find(loaded, study_query(StudyDate="20240102-20240103"))[0]} == {"20240102", "20240103"}
+    assert len(find(loaded, study_query(StudyDate="-20240101"))[0]) == 1
+    uid_list = "\\".join(str(s["uid"]) for s in studies[:3])
+    assert len(find(loaded, study_query(StudyInstanceUID=uid_list))[0]) == 3
+    assert find(loaded, study_query(AccessionNumber="NOPE"))[0] == []
+
+    series = Dataset()
+    series.QueryRetrieveLevel = "SERIES"
+    series.StudyInstanceUID = studies[2]["uid"]
+    series.SeriesInstanceUID = ""
+    series.Modality = "DX"
+    answers, _ = find(loaded, series)
+    assert [a.Modality for a in answers] == ["DX"]
+
+    image = Dataset()
+    image.QueryRetrieveLevel = "IMAGE"
+    image.StudyInstanceUID = studies[2]["uid"]
+    image.SeriesInstanceUID = answers[0].SeriesInstanceUID
+    image.SOPInstanceUID = ""
+    assert [a.SOPInstanceUID for a in find(loaded, image)[0]] == [studies[2]["sop"]]
+
+    bad = Dataset()
+    bad.QueryRetrieveLevel = "PATIENT"
+    assert find(loaded, bad)[1].Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+
+def test_findscu_on_the_similar_title(loaded: Node, studies: list[dict[str, object]], tmp_path: Path) -> None:
+    out = tmp_path / "answers"
+    out.mkdir()
+    result = dcmtk("findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "-X", "-od", out,
+                   "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies[0]['uid']}",
+                   "-k", "StudyDescription", "-k", "PatientID", "-k", "ModalitiesInStudy",
+                   "127.0.0.1", loaded.port)
+    assert result.returncode == 0, result.stderr
+    answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    assert len(answers) == len(studies) - 1
+    assert studies[0]["uid"] not in {a.StudyInstanceUID for a in answers}
+    assert [a.StudyDescription.split()[0] for a in answers] == [f"#{i}" for i in range(1, len(answers) + 1)]
+    scores = [float(a.StudyDescription.split()[2].rstrip(":")) for a in answers]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_similar_by_accession_and_private_keys(loaded: Node, studies: list[dict[str, object]]) -> None:
+    by_accession, final = find(loaded, study_query(AccessionNumber="ACC0"), "MMDL_SIMILAR")
+    by_uid, _ = find(loaded, study_query(StudyInstanceUID=studies[0]["uid"]), "MMDL_SIMILAR")
+    assert final.Status == 0 and [a.StudyInstanceUID for a in by_accession] == [a.StudyInstanceUID for a in by_uid]
+
+    query = study_query(StudyInstanceUID=studies[0]["uid"])
+    block = query.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(TOP_K, "IS", "2")
+    block.add_new(EXCLUDE_SAME_PATIENT, "CS", "YES")
+    answers, final = find(loaded, query, "MMDL_SIMILAR")
+    assert final.Status == 0 and len(answers) == 2
+    assert all(a.PatientID != "PAT-A" for a in answers)
+    ranks = [int(a.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[RANK].value) for a in answers]
+    scores = [float(a.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[SCORE].value) for a in answers]
+    assert ranks == [1, 2] and scores[0] >= scores[1]
+    assert all(a.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[MODEL_VERSION].value for a in answers)
+
+
+def test_similar_failures_are_clear(loaded: Node) -> None:
+    _, final = find(loaded, study_query(StudyInstanceUID="1.2.3.999"), "MMDL_SIMILAR")
+    assert final.Status == Status.UNKNOWN_STUDY and "1.2.3.999" in final.ErrorComment
+    _, final = find(loaded, study_query(), "MMDL_SIMILAR")
+    assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+
+@pytest.fixture()
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    process = subprocess.Popen(["storescp", "-aet", "WORKSTATION", "-od", str(out), "+xa", str(port)],
+                               env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port, out
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_move_to_a_configured_peer_and_refuse_unknown(start_node: Callable[..., Node], studies: list[dict[str, object]],
+                                                      storescp: tuple[int, Path]) -> None:
+    port, out = storescp
+    node = start_node(peers=[{"ae_title": "WORKSTATION", "host": "127.0.0.1", "port": port}])
+    assert storescu(node, studies[3]["image"], studies[3]["report"]).returncode == 0
+    moved = dcmtk("movescu", "-S", "-aet", "VIEWER", "-aem", "WORKSTATION", "-aec", "MMDL_SIMILAR",
+                  "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies[3]['uid']}",
+                  "127.0.0.1", node.port)
+    assert moved.returncode == 0, moved.stderr
+    received = {dcmread(p).SOPInstanceUID for p in out.iterdir()}
+    assert received == {studies[3]["sop"], dcmread(studies[3]["report"]).SOPInstanceUID}
+    unknown = dcmtk("movescu", "-v", "-S", "-aet", "VIEWER", "-aem", "NOBODY", "-aec", "MMDL_NODE",
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies[3]['uid']}",
+                    "127.0.0.1", node.port)
+    assert "Refused: MoveDestinationUnknown" in unknown.stderr
+
+
+def test_get_returns_the_stored_study(start_node: Callable[..., Node], studies: list[dict[str, object]],
+                                      tmp_path: Path) -> None:
+    node = start_node()
+    assert storescu(node, studies[2]["image"], studies[2]["report"]).returncode == 0
+    out = tmp_path / "got"
+    out.mkdir()
+    got = dcmtk("getscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_NODE", "-od", out,
+                "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies[2]['uid']}",
+                "127.0.0.1", node.port)
+    assert got.returncode == 0, got.stderr
+    files = list(out.iterdir())
+    assert {dcmread(p).SOPInstanceUID for p in files} == {studies[2]["sop"], dcmread(studies[2]["report"]).SOPInstanceUID}
+    assert dcmread(next(p for p in files if dcmread(p).Modality == "DX")).PixelData == dcmread(studies[2]["image"]).PixelData
+
+
+def test_undecodable_image_fails_alone(start_node: Callable[..., Node], studies: list[dict[str, object]],
+                                       tmp_path: Path) -> None:
+    node = start_node()
+    broken = dcmread(studies[1]["image"])
+    broken.SOPInstanceUID = generate_uid()
+    broken.StudyInstanceUID = generate_uid()
+    broken.PixelData = broken.PixelData[:1000]  # far fewer bytes than Rows x Columns x 2
+    path = tmp_path / "broken.dcm"
+    broken.save_as(path)
+    assert storescu(node, path, studies[4]["image"]).returncode == 0
+    wait_until(lambda: not node.catalog.pending_images(1) and len(node.index) == 1, 120, "the good image indexed")
+    with node.catalog.session() as session:
+        failed = session.query(Instance).filter_by(sop_uid=str(broken.SOPInstanceUID)).one()
+    assert failed.state.value == "failed" and failed.reason
