@@ -49,13 +49,28 @@ def settings_from_mapping(data: dict[str, Any], source: str = "<settings>", base
         raise ConfigError(source, _problems(error)) from None
     if base_dir is None:
         return settings
-    node = settings.node
+    paths = {"node": ("data_dir",), "model": ("path",), "tls": ("certificate", "private_key", "ca_certificates")}
     changes: dict[str, Any] = {}
-    if not node.data_dir.is_absolute():
-        changes["node"] = node.model_copy(update={"data_dir": (base_dir / node.data_dir).resolve()})
-    if settings.model.path is not None and not settings.model.path.is_absolute():
-        changes["model"] = settings.model.model_copy(update={"path": (base_dir / settings.model.path).resolve()})
-    return settings.model_copy(update=changes)
+    for section_name, keys in paths.items():
+        section = getattr(settings, section_name)
+        update = {key: (base_dir / value).resolve() for key in keys
+                  if (value := getattr(section, key)) is not None and not value.is_absolute()}
+        if update:
+            changes[section_name] = section.model_copy(update=update)
+    settings = settings.model_copy(update=changes)
+    _check_files(settings, source)
+    return settings
+
+
+def _check_files(settings: Settings, source: str) -> None:
+    """Files the settings name must exist (checked after paths are resolved)."""
+    tls = settings.tls
+    if not tls.enabled:
+        return
+    missing = [f"tls.{key}: file not found, got '{path}'" for key in ("certificate", "private_key", "ca_certificates")
+               if (path := getattr(tls, key)) is not None and not path.is_file()]
+    if missing:
+        raise ConfigError(source, missing)
 
 
 def load_settings(path: str | Path | None) -> Settings:

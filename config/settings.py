@@ -43,6 +43,7 @@ class NodeSettings(_Section):
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
 
     @model_validator(mode="after")
     def _distinct_titles(self) -> NodeSettings:
@@ -52,11 +53,28 @@ class NodeSettings(_Section):
 
 
 class Peer(_Section):
-    """A DICOM node the node may send to (C-MOVE destination)."""
+    """A DICOM node the node may send to (C-MOVE destination); with check_host, its AE title is only
+    accepted from its own host."""
 
     ae_title: AETitle
     host: str
     port: Port
+    check_host: bool = False
+
+
+class TlsSettings(_Section):
+    """DICOM TLS (PS3.15 B.1): TLS 1.2 or later, server certificate, optional client certificates."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None  # when set, clients must present a certificate it signed
+
+    @model_validator(mode="after")
+    def _files_given(self) -> TlsSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("certificate and private_key are required when enabled")
+        return self
 
 
 class AccessSettings(_Section):
@@ -127,6 +145,7 @@ class Settings(_Section):
     node: NodeSettings = NodeSettings()
     peers: Annotated[list[Peer], AfterValidator(_unique_peer_titles)] = []
     access: AccessSettings = AccessSettings()
+    tls: TlsSettings = TlsSettings()
     catalog: CatalogSettings = CatalogSettings()
     index: IndexSettings = IndexSettings()
     scheduler: SchedulerSettings = SchedulerSettings()

@@ -4,7 +4,9 @@ The node's errors are mapped to DICOM statuses here, in one place.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -23,7 +25,7 @@ from dicom_node.ingest import Ingestor
 from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
 from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
 from dicom_node.sop_classes import UNCOMPRESSED
-from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, Status
+from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
 from indexer.catalog import Catalog
 from indexer.vector_index import VectorIndex
@@ -66,14 +68,35 @@ def handle_requested(event: Event, services: Services) -> None:
     calling = request.calling_ae_title.strip()
     node = services.settings.node
     allowed = services.settings.access.allowed_calling_aets
+    peer = services.settings.peer(calling)
     if called not in (node.ae_title, node.similar_ae_title):
         LOG.warning("association from %s rejected: called AE title %s is not served here", calling, called)
         _reject(event, REJECT_CALLED_AET)
     elif allowed and calling not in allowed:
         LOG.warning("association from %s rejected: calling AE title not allowed", calling)
         _reject(event, REJECT_CALLING_AET)
+    elif peer is not None and peer.check_host and event.assoc.requestor.address not in host_addresses(peer.host):
+        LOG.warning("association from %s rejected: it came from %s, not from its configured host", calling,
+                    event.assoc.requestor.address)
+        _reject(event, REJECT_CALLING_AET)
+    elif not services.store.has_room():
+        LOG.error("association from %s rejected: free disk space below the configured watermark", calling)
+        _reject(event, REJECT_NO_RESOURCES)
     else:
         event.assoc.acceptor.ae_title = called
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(host: str) -> frozenset[str]:
+    try:
+        return frozenset(info[4][0] for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset()
+
+
+def host_addresses(host: str) -> frozenset[str]:
+    """The IP addresses ``host`` names (cached; a literal address names itself)."""
+    return _resolve(host) | {host}
 
 
 def _reject(event: Event, reason: tuple[int, int, int]) -> None:

@@ -92,6 +92,9 @@ class Ingestor:
             held_in = self.catalog.find_instance_study(sop_uid)
             if held_in is not None:
                 return self._duplicate(sop_uid, held_in == study_uid)
+            if not self.store.has_room(len(encoded)):
+                LOG.error("instance %s refused: free disk space below the configured watermark", sop_uid)
+                return IngestResult(Status.OUT_OF_RESOURCES, "storage full: free disk below the watermark")
             try:
                 self.store.write(relative, encoded)
             except OSError as error:

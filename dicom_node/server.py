@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from config.settings import Settings
+from config.settings import Settings, TlsSettings
 from dicom_node.handlers import (
     Services,
     handle_echo,
@@ -45,6 +46,19 @@ def decode_stored_image(path: Path) -> np.ndarray:
     return read_dicom_image(path)
 
 
+def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """Server-side TLS 1.2+ with the node's certificate; client certificates required when a CA is set."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(str(tls.ca_certificates))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def build_ae(settings: Settings) -> AE:
     node = settings.node
     ae = AE(ae_title=node.ae_title)
@@ -69,7 +83,7 @@ class Node:
         self.settings = settings
         data_dir = settings.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = FileStore(data_dir / "storage")
+        self.store = FileStore(data_dir / "storage", min_free_bytes=settings.node.min_free_disk_mb * 2**20)
         removed = self.store.remove_temporaries()
         if removed:
             LOG.warning("removed %d partial files left by an interrupted receive", removed)
@@ -108,7 +122,8 @@ class Node:
             (evt.EVT_C_GET, handle_get, [services]),
         ]
         node = self.settings.node
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
+                                            ssl_context=tls_context(self.settings.tls))
         self.scheduler.add("embed", self.job.run, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
         self.scheduler.start()

@@ -26,3 +26,4 @@ class Status(enum.IntEnum):
 # Association rejection (PS3.8 9.3.4): (result, source, diagnostic)
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+REJECT_NO_RESOURCES = (0x02, 0x03, 0x02)  # transient, local limit exceeded: try again later

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 from dicom_node.errors import NodeError
@@ -34,9 +35,14 @@ def fsync_directory(directory: Path) -> None:
 class FileStore:
     """``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, UIDs checked first."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
+        self.min_free_bytes = min_free_bytes
         root.mkdir(parents=True, exist_ok=True)
+
+    def has_room(self, incoming: int = 0) -> bool:
+        """Whether ``incoming`` bytes still leave the configured free space (the disk watermark)."""
+        return shutil.disk_usage(self.root).free - incoming >= self.min_free_bytes
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         parts = (check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"),
