@@ -342,7 +342,7 @@ def read_covid(path: str | Path) -> list[Sample]:
 # ---------------------------------------------------------------- MIMIC-CXR-JPG
 
 _REPORT_SECTION = re.compile(r"^\s*(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE | re.MULTILINE)
-_ANY_SECTION = re.compile(r"^\s*[A-Z][A-Z /&]+:", re.MULTILINE)
+_ANY_SECTION = re.compile(r"^\s*[A-Z][A-Z /&()]+:", re.MULTILINE)
 
 
 def findings_and_impression(report: str) -> str:
