@@ -73,6 +73,7 @@ FINDINGS: dict[str, tuple[str, ...]] = {
     "Lung Lesion": (
         r"mass(?:es)?",
         r"nodul(?:e|es|ar(?: densit\w*| opacit\w*)?)",
+        r"(?:round|rounded|circular) (?:densit\w*|opacit\w*)",
         r"lump",
         r"cavitary lesions?",
         r"carcinoma",
@@ -202,6 +203,7 @@ UNMENTIONS: dict[str, tuple[str, ...]] = {
         r"(?:soft tissue|breast|nipple|bone|bony|osseous) (?:densit\w+|opacit\w+)",
         r"(?:density|densities) (?:of|in) the (?:soft tissues?|bones?)",
         r"(?:calcified|granulomatous) (?:densit\w+|opacit\w+)",
+        r"(?:nodular|round|rounded|circular|oval) (?:densit\w+|opacit\w+)",  # a lesion, not an opacity
     ),
     "Lung Lesion": (
         r"(?:soft tissue|breast|nipple|bone|bony|osseous) mass\w*",
@@ -237,7 +239,7 @@ _PRE_NEG = re.compile(
     r"|removal of|removed|rather than|ruled out|history of|exclude[sd]?|interval clearing of|neither|nor|never)\b"
 )
 _PRE_UNCERTAIN = re.compile(
-    r"\b(?:possible|possibly|probable|probably|questionable|question of|questioned|suspect\w*|suspicious"
+    r"\b(?:possible|possibly|possibility|probable|probably|(?:evaluation|evaluate|assess\w*|search) (?:of|for)|questionable|question of|questioned|suspect\w*|suspicious"
     r"|suspicion|concern(?:ing)? for|worrisome|may|might|could|can|would|suggest\w*|presum\w+|equivocal"
     r"|indeterminate|differential|versus|vs|consider|considered|cannot be|correlat\w+|uncertain|borderline"
     r"|not (?:well|clearly) (?:seen|visualized|evaluated)|poorly (?:seen|visualized|evaluated)"
@@ -256,6 +258,7 @@ _POST_UNCERTAIN = re.compile(
     + r"(?:(?:is|are|was|were|has|have|appears?)\s+)?"
     r"(?:not (?:entirely |completely )?excluded|not ruled out|possible|suspected|questioned|questionable|less likely"
     r"|cannot be (?:entirely |completely )?(?:excluded|ruled out)|(?:may|might|could) be (?:present|seen|noted)"
+    r"|(?:may|might|could) not be (?:demonstrated|seen|visible|visualized|detected)"
     r"|versus|vs|or\b|(?:would be |is )?(?:a |another )?consideration)"
 )
 _ANATOMY_NEG = re.compile(
