@@ -210,8 +210,10 @@ def mimic_root(tmp_path: Path) -> Path:
     write_csv(
         root / "mimic-cxr-2.0.0-chexpert.csv",
         [
-            {"subject_id": "10000032", "study_id": "50414267", **chexpert_columns(Pleural_Effusion="1.0", Edema="-1.0")},
-            {"subject_id": "10000032", "study_id": "53189527", **chexpert_columns(No_Finding="1.0", Cardiomegaly="0.0")},
+            {"subject_id": "10000032", "study_id": "50414267",
+             **chexpert_columns(Pleural_Effusion="1.0", Edema="-1.0")},
+            {"subject_id": "10000032", "study_id": "53189527",
+             **chexpert_columns(No_Finding="1.0", Cardiomegaly="0.0")},
             {"subject_id": "11000011", "study_id": "51000001", **chexpert_columns(Pneumothorax="1.0")},
         ],
     )
@@ -305,7 +307,7 @@ def test_split_by_patient_is_disjoint_and_complete() -> None:
     parts = split_by_patient(samples, (0.7, 0.15, 0.15), seed=3)
     patient_sets = [{s.patient_id for s in part} for part in parts]
     assert sum(len(p) for p in parts) == len(samples)
-    assert not (patient_sets[0] & patient_sets[1] or patient_sets[0] & patient_sets[2] or patient_sets[1] & patient_sets[2])
+    assert sum(len(p) for p in patient_sets) == len(set.union(*patient_sets)) == 37  # disjoint, all patients
     assert [len(p) for p in patient_sets] == [26, 5, 6]  # round(0.7*37)=26, round(0.85*37)=31
 
 

@@ -146,7 +146,8 @@ def test_heart_failure_makes_cardiomegaly_uncertain() -> None:
 
 
 def test_iu_anonymisation_tokens() -> None:
-    assert normalise("Normal chest x-XXXX. XXXX XXXX are intact.").split() == ["normal", "chest", "x", "ray.", "are", "intact."]
+    words = normalise("Normal chest x-XXXX. XXXX XXXX are intact.").split()
+    assert words == ["normal", "chest", "x", "ray.", "are", "intact."]
     assert find_mentions("XXXX XXXX XXXX") == []
     assert label_dict("No XXXX pneumothorax.")["Pneumothorax"] == 0
 
