@@ -6,9 +6,9 @@ Public API (stable; the training and evaluation commands call these):
   manifest with columns ``image, report, labels, patient_id, study_id, source``. ``labels`` holds
   the ``|``-joined names of the positive CheXpert observations; an EMPTY cell means unlabelled
   (``Sample.labels is None``) and ``-`` means labelled with no positive observation. Relative
-  image paths are resolved against the manifest's folder (and written relative to it).
-  Only ``image``, ``report`` and ``labels`` are required; a missing ``patient_id`` falls back
-  to ``study_id``, a missing ``study_id`` to the image path or the row number.
+  image paths are resolved against the manifest's folder (and written relative to it); image
+  paths read back are absolute. Only ``image``, ``report`` and ``labels`` are required; a missing
+  ``patient_id`` falls back to ``study_id``, a missing ``study_id`` to the image path or the row number.
 - ``read_iu_reports(tgz, policy="u-zero") -> list[Sample]``: Open-i/IU XML reports (report-only),
   text = FINDINGS + IMPRESSION, labels from ``models.labeler``. ``iter_iu_reports(tgz)`` yields
   the parsed ``IUReport`` records (id, findings, impression, MeSH major tags).
@@ -183,7 +183,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path}:{number}"
         image_cell = (row.get("image") or "").strip()
-        image = Path(os.path.normpath(path.parent / image_cell)) if image_cell else None
+        image = Path(os.path.normpath(path.absolute().parent / image_cell)) if image_cell else None
         cell = (row.get("labels") or "").strip()
         if not cell:
             labels = None
@@ -342,7 +342,7 @@ def read_covid(path: str | Path) -> list[Sample]:
 # ---------------------------------------------------------------- MIMIC-CXR-JPG
 
 _REPORT_SECTION = re.compile(r"^\s*(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE | re.MULTILINE)
-_ANY_SECTION = re.compile(r"^\s*[A-Z][A-Z /&]+:", re.MULTILINE)
+_ANY_SECTION = re.compile(r"^\s*[A-Z][A-Z /&()]+:", re.MULTILINE)
 
 
 def findings_and_impression(report: str) -> str:

@@ -73,6 +73,7 @@ FINDINGS: dict[str, tuple[str, ...]] = {
     "Lung Lesion": (
         r"mass(?:es)?",
         r"nodul(?:e|es|ar(?: densit\w*| opacit\w*)?)",
+        r"(?:round|rounded|circular) (?:densit\w*|opacit\w*)",
         r"lump",
         r"cavitary lesions?",
         r"carcinoma",
@@ -92,7 +93,11 @@ FINDINGS: dict[str, tuple[str, ...]] = {
     ),
     "Consolidation": (r"consolidat(?:ion|ions|ive|ed)",),
     "Pneumonia": (r"pneumonias?", r"pneumonitis", r"infection", r"infectious(?: process)?", r"bronchopneumonia"),
-    "Atelectasis": (r"atelecta\w+", r"(?:lobar|lung|segmental) collapse", r"collapse of (?:\w+ ){0,4}?(?:lobes?|lungs?)"),
+    "Atelectasis": (
+        r"atelecta\w+",
+        r"(?:lobar|lung|segmental) collapse",
+        r"collapse of (?:\w+ ){0,4}?(?:lobes?|lungs?)",
+    ),
     "Pneumothorax": (r"pneumothora(?:x|ces)", r"hydropneumothorax", r"hemopneumothorax"),
     "Pleural Effusion": (
         r"effusions?",
@@ -198,10 +203,11 @@ ANATOMY: dict[str, tuple[str, ...]] = {
 UNMENTIONS: dict[str, tuple[str, ...]] = {
     "Pleural Effusion": (r"pericardial effusions?",),
     "Lung Opacity": (
-        r"(?:pleural|pleuro ?parenchymal|pleural peripheral) (?:opacit\w+|densit\w+)?\s?(?:scar\w*|thickening|plaques?)",
+        r"(?:pleural|pleuro ?parenchymal|pleural peripheral) (?:opacit\w+ |densit\w+ )?(?:scar\w*|thickening|plaques?)",
         r"(?:soft tissue|breast|nipple|bone|bony|osseous) (?:densit\w+|opacit\w+)",
         r"(?:density|densities) (?:of|in) the (?:soft tissues?|bones?)",
         r"(?:calcified|granulomatous) (?:densit\w+|opacit\w+)",
+        r"(?:nodular|round|rounded|circular|oval) (?:densit\w+|opacit\w+)",  # a lesion, not an opacity
     ),
     "Lung Lesion": (
         r"(?:soft tissue|breast|nipple|bone|bony|osseous) mass\w*",
@@ -237,18 +243,19 @@ _PRE_NEG = re.compile(
     r"|removal of|removed|rather than|ruled out|history of|exclude[sd]?|interval clearing of|neither|nor|never)\b"
 )
 _PRE_UNCERTAIN = re.compile(
-    r"\b(?:possible|possibly|probable|probably|questionable|question of|questioned|suspect\w*|suspicious"
-    r"|suspicion|concern(?:ing)? for|worrisome|may|might|could|can|would|suggest\w*|presum\w+|equivocal"
-    r"|indeterminate|differential|versus|vs|consider|considered|cannot be|correlat\w+|uncertain|borderline"
-    r"|not (?:well|clearly) (?:seen|visualized|evaluated)|poorly (?:seen|visualized|evaluated)"
-    r"|obscur\w+|consideration|\?)"
-    r"|\bor\s+(?:\S+\s+){0,2}$|\band/or\b"
+    r"\b(?:possible|possibly|possibility|probable|probably|questionable|question of|questioned"
+    r"|(?:evaluation|evaluate|assess\w*|search) (?:of|for)|suspect\w*|suspicious|suspicion|concern(?:ing)? for"
+    r"|worrisome|may|maybe|might|could|can|would|suggest\w*|presum\w+|equivocal|indeterminate|differential"
+    r"|versus|vs|consider|considered|consideration|cannot be|correlat\w+|uncertain|borderline|obscur\w+"
+    r"|not (?:well|clearly) (?:seen|visualized|evaluated)|poorly (?:seen|visualized|evaluated))\b"
+    r"|\?|\bor\s+(?:\S+\s+){0,2}$|\band/or\b"
 )
 _POST_WINDOW = r"^\W*(?:(?!but\b|however\b|although\b|which\b|and (?:there|the|it)\b)[\w/]+\W+){0,4}?"
 _POST_NEG = re.compile(
     _POST_WINDOW
     + r"(?:(?:is|are|was|were|has been|have been|has|have|appears?|remains?|not)\s+)?"
-    r"(?:not (?:seen|identified|present|demonstrated|evident|visualized|appreciated|noted|enlarged|widened|definitely seen)"
+    r"(?:not (?:seen|identified|present|demonstrated|evident|visualized|appreciated|noted|enlarged|widened"
+    r"|definitely seen)"
     r"|no longer (?:seen|present|visualized|evident)|absent|resolved|cleared|removed|negative)\b"
 )
 _POST_UNCERTAIN = re.compile(
@@ -256,6 +263,7 @@ _POST_UNCERTAIN = re.compile(
     + r"(?:(?:is|are|was|were|has|have|appears?)\s+)?"
     r"(?:not (?:entirely |completely )?excluded|not ruled out|possible|suspected|questioned|questionable|less likely"
     r"|cannot be (?:entirely |completely )?(?:excluded|ruled out)|(?:may|might|could) be (?:present|seen|noted)"
+    r"|(?:may|might|could) not be (?:demonstrated|seen|visible|visualized|detected)"
     r"|versus|vs|or\b|(?:would be |is )?(?:a |another )?consideration)"
 )
 _ANATOMY_NEG = re.compile(

@@ -143,7 +143,8 @@ def evaluate(reports: Iterable[IUReport]) -> dict[str, tuple[int, dict[str, list
 
     A labeler positive is a raw 1 under U-Zero, a raw 1 or -1 under U-Ones.
     """
-    parts: dict[str, tuple[list[tuple[int | None, ...]], list[tuple[int, ...]]]] = {"dev": ([], []), "held-out": ([], [])}
+    Raw = list[tuple[int | None, ...]]
+    parts: dict[str, tuple[Raw, list[tuple[int, ...]]]] = {"dev": ([], []), "held-out": ([], [])}
     for report in reports:
         if not report.text.strip() or not report.mesh_major or NOT_INDEXED in report.mesh_major:
             continue
@@ -154,21 +155,27 @@ def evaluate(reports: Iterable[IUReport]) -> dict[str, tuple[int, dict[str, list
     for name, (raw, ref) in parts.items():
         if raw:
             by_policy = {policy: np.array([apply_policy(r, policy) for r in raw]) for policy in POLICIES}
-            result[name] = (len(raw), {policy: agreement(pred, np.array(ref)) for policy, pred in by_policy.items()})
+            result[name] = (len(raw), {policy: agreement(p, np.array(ref)) for policy, p in by_policy.items()})
     return result
 
 
 def _fmt(value: float | None) -> str:
+    """Three decimals, or "-" for an undefined ratio."""
     return "-" if value is None else f"{value:.3f}"
 
 
 def markdown_table(scores: Sequence[ClassScore]) -> str:
     """A Markdown table of per-class precision / recall / F1 / support / predicted positives."""
-    lines = ["| observation | precision | recall | F1 | support (MeSH +) | labeler + |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| observation | precision | recall | F1 | support (MeSH +) | labeler + |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for s in scores:
-        lines.append(f"| {s.name} | {_fmt(s.precision)} | {_fmt(s.recall)} | {_fmt(s.f1)} | {s.support} | {s.predicted} |")
+        ratios = " | ".join(_fmt(v) for v in (s.precision, s.recall, s.f1))
+        lines.append(f"| {s.name} | {ratios} | {s.support} | {s.predicted} |")
     scored = [s for s in scores if s.support]
-    lines.append(f"| micro average (classes with support) | | | {_fmt(micro_f1(scored))} | {sum(s.support for s in scored)} | |")
+    support = sum(s.support for s in scored)
+    lines.append(f"| micro average (classes with support) | | | {_fmt(micro_f1(scored))} | {support} | |")
     return "\n".join(lines)
 
 

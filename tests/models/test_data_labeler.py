@@ -74,6 +74,9 @@ def labels(text: str) -> dict[str, int]:
         ("Heart size is upper limits of normal.", "Cardiomegaly", -1),
         ("Mild pulmonary vascular congestion.", "Edema", -1),
         ("Stable cardiomediastinal silhouette.", "Enlarged Cardiomediastinum", -1),
+        ("Nondisplaced rib fractures may not be demonstrated.", "Fracture", -1),
+        ("Limited exam for evaluation of fractures.", "Fracture", -1),
+        ("A 6 mm nodular opacity in the right upper lobe.", "Lung Lesion", 1),
     ],
 )
 def test_single_sentence(text: str, observation: str, expected: int) -> None:
@@ -90,6 +93,7 @@ def test_single_sentence(text: str, observation: str, expected: int) -> None:
         ("Calcified granuloma in the right upper lobe.", "Lung Lesion"),  # granuloma: not a lesion
         ("Sequelae of prior granulomatous infection.", "Pneumonia"),
         ("Pleural thickening at the apex.", "Lung Opacity"),
+        ("A 6 mm nodular opacity in the right upper lobe.", "Lung Opacity"),  # a lesion, not an opacity
         ("The lungs are clear.", "Pneumonia"),
     ],
 )
@@ -142,7 +146,8 @@ def test_heart_failure_makes_cardiomegaly_uncertain() -> None:
 
 
 def test_iu_anonymisation_tokens() -> None:
-    assert normalise("Normal chest x-XXXX. XXXX XXXX are intact.").split() == ["normal", "chest", "x", "ray.", "are", "intact."]
+    words = normalise("Normal chest x-XXXX. XXXX XXXX are intact.").split()
+    assert words == ["normal", "chest", "x", "ray.", "are", "intact."]
     assert find_mentions("XXXX XXXX XXXX") == []
     assert label_dict("No XXXX pneumothorax.")["Pneumothorax"] == 0
 
