@@ -1,0 +1,97 @@
+"""Who may talk and what the node refuses: TLS with dcmtk as the client, host checks, limits, watermark."""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+from dicom_node.server import Node
+from dicom_node.status import Status
+from tests.dicom_node.builders import dx_from_png, save
+from tests.helpers import dcmtk
+
+
+def openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1, a client certificate from the CA and one self-signed."""
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=Test CA", cwd=d)
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
+            "-subj", "/CN=rogue", cwd=d)
+    return d
+
+
+def test_tls_with_client_certificates(start_node: Callable[..., Node], pki: Path) -> None:
+    node = start_node(tls={"enabled": True, "certificate": str(pki / "server.crt"),
+                           "private_key": str(pki / "server.key"), "ca_certificates": str(pki / "ca.crt")})
+    ok = dcmtk("echoscu", "+tls", pki / "client.key", pki / "client.crt", "+cf", pki / "ca.crt",
+               "-aec", "MMDL_NODE", "127.0.0.1", node.port)
+    assert ok.returncode == 0, ok.stderr
+    rogue = dcmtk("echoscu", "+tls", pki / "rogue.key", pki / "rogue.crt", "+cf", pki / "ca.crt",
+                  "-aec", "MMDL_NODE", "127.0.0.1", node.port)
+    assert rogue.returncode != 0
+    plain = dcmtk("echoscu", "-to", "5", "-ta", "5", "-aec", "MMDL_NODE", "127.0.0.1", node.port)
+    assert plain.returncode != 0
+    # The node still serves TLS clients after refusing the others.
+    assert dcmtk("echoscu", "+tls", pki / "client.key", pki / "client.crt", "+cf", pki / "ca.crt",
+                 "-aec", "MMDL_NODE", "127.0.0.1", node.port).returncode == 0
+
+
+def test_peer_host_check(start_node: Callable[..., Node]) -> None:
+    node = start_node(peers=[{"ae_title": "LOCALPACS", "host": "127.0.0.1", "port": 104, "check_host": True},
+                             {"ae_title": "FARPACS", "host": "192.0.2.10", "port": 104, "check_host": True}])
+    assert dcmtk("echoscu", "-aet", "LOCALPACS", "-aec", "MMDL_NODE", "127.0.0.1", node.port).returncode == 0
+    spoofed = dcmtk("echoscu", "-aet", "FARPACS", "-aec", "MMDL_NODE", "127.0.0.1", node.port)
+    assert spoofed.returncode != 0 and "Calling AE Title Not Recognized" in spoofed.stderr
+
+
+def test_disk_watermark_refuses_stores_and_new_associations(start_node: Callable[..., Node], shared_data: Path,
+                                                           tmp_path: Path) -> None:
+    node = start_node()
+    png = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[0]
+    image = save(dx_from_png(png, "1.2.3.4", "P1", "A1"), tmp_path)
+    ae = AE("PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert assoc.is_established
+    node.store.min_free_bytes = 2**62  # as if the disk had filled up during the association
+    assert assoc.send_c_store(image).Status == Status.OUT_OF_RESOURCES
+    assoc.release()
+    assert not list((node.settings.node.data_dir / "storage").rglob("*.dcm"))
+    refused = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert refused.is_rejected
+    node.store.min_free_bytes = 0
+    again = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert again.is_established and again.send_c_store(image).Status == Status.SUCCESS
+    again.release()
+
+
+def test_association_limit(start_node: Callable[..., Node]) -> None:
+    node = start_node(node={"max_associations": 3})
+    ae = AE("PACS")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE") for _ in range(3)]
+    assert all(a.is_established for a in held)
+    extra = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert extra.is_rejected
+    for assoc in held:
+        assoc.release()
+    after = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert after.is_established and after.send_c_echo().Status == 0
+    after.release()
