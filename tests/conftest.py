@@ -15,3 +15,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"sample data not found at {SHARED_DATA}; CI lays it beside the checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the MMDL architecture with random weights, for tests that embed."""
+    from models.bundle import create_random_model
+
+    directory = tmp_path_factory.mktemp("model") / "random-mmdl"
+    create_random_model(directory, seed=0, device="cpu")
+    return directory

@@ -36,8 +36,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str =
         time.sleep(0.05)
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    def open_() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-    wait_until(open_, timeout, f"port {port} to accept connections")
+    wait_until(lambda: port_open(port), timeout, f"port {port} to accept connections")

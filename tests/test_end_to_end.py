@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,52 +20,9 @@ from indexer.catalog import Catalog
 from indexer.schema import Instance, State, Study
 from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
+from tests.node_process import NodeProcess
 
 pytestmark = pytest.mark.slow
-MMDL_NODE = Path(sys.executable).parent / "mmdl-node"
-
-
-class NodeProcess:
-    """`mmdl-node serve --config FILE` on a temp data dir, on a free port."""
-
-    def __init__(self, folder: Path, model_dir: Path, peer_port: int) -> None:
-        self.port = free_port()
-        self.data_dir = folder / "data"
-        self.config = folder / "node.toml"
-        self.config.write_text(f"""
-[node]
-host = "127.0.0.1"
-port = {self.port}
-data_dir = "{self.data_dir}"
-
-[[peers]]
-ae_title = "WORKSTATION"
-host = "127.0.0.1"
-port = {peer_port}
-
-[scheduler]
-interval_s = 0.5
-
-[model]
-path = "{model_dir}"
-device = "cpu"
-""")
-        self.log = folder / "node.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([str(MMDL_NODE), "serve", "--config", str(self.config)],
-                                            stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, 120)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=60)
-
-    def catalog(self) -> Catalog:
-        return Catalog(f"sqlite:///{self.data_dir / 'catalog.sqlite3'}")
 
 
 @pytest.fixture()

@@ -12,16 +12,6 @@ from dicom_node.server import Node
 from tests.helpers import free_port
 
 
-@pytest.fixture(scope="session")
-def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of the MMDL architecture with random weights (the trained one is another issue's work)."""
-    from models.bundle import create_random_model
-
-    directory = tmp_path_factory.mktemp("model") / "random-mmdl"
-    create_random_model(directory, seed=0, device="cpu")
-    return directory
-
-
 def node_settings(data_dir: Path, model_dir: Path, **sections: dict[str, Any]) -> Settings:
     base: dict[str, Any] = {
         "node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(data_dir)},
