@@ -1,6 +1,7 @@
 """Shared fixtures: where the public sample data lives (beside the checkout, as in CI)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,9 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("model") / "random-mmdl"
     create_random_model(directory, seed=0, device="cpu")
     return directory
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_scheduler() -> None:
+    """A busy embedding job makes APScheduler note every coalesced run; that is expected, not news."""
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)

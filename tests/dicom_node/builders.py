@@ -41,7 +41,18 @@ def _base(sop_class: str, study_uid: str, patient_id: str, accession: str, modal
 
 def dx_from_png(png: Path, study_uid: str, patient_id: str, accession: str) -> Dataset:
     """A DX For Presentation image (12-bit, MONOCHROME2) carrying the PNG's pixels."""
-    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16
+    return dx_from_pixels(np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16, study_uid, patient_id,
+                          accession)
+
+
+def dx_synthetic(study_uid: str, patient_id: str, accession: str, size: int = 32, seed: int = 0) -> Dataset:
+    """A small DX image of random 12-bit noise, for tests about volume rather than content."""
+    pixels = np.random.default_rng(seed).integers(0, 4096, size=(size, size), dtype=np.uint16)
+    return dx_from_pixels(pixels, study_uid, patient_id, accession)
+
+
+def dx_from_pixels(pixels: np.ndarray, study_uid: str, patient_id: str, accession: str) -> Dataset:
+    """A DX For Presentation image (12-bit, MONOCHROME2) with these pixels."""
     ds = _base(DigitalXRayImageStorageForPresentation, study_uid, patient_id, accession, "DX")
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.BodyPartExamined = "CHEST"
