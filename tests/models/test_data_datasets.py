@@ -7,6 +7,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.datasets import (
     findings_and_impression,
@@ -337,3 +339,17 @@ def test_real_sources(shared_data: Path) -> None:
     iu = read_iu_reports(shared_data / "iu-reports" / "NLMCXR_reports.tgz")
     assert len(iu) == 3140  # of 3,164 XML files, 24 have neither FINDINGS nor IMPRESSION
     assert all(s.labels is not None and set(s.labels) <= {0, 1} for s in iu)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    patients=st.lists(st.integers(0, 30), min_size=1, max_size=80),
+    cut=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_split_by_patient_never_splits_a_patient(patients: list[int], cut: float, seed: int) -> None:
+    samples = [Sample(f"p{p}", f"s{i}", "x", report="r") for i, p in enumerate(patients)]
+    parts = split_by_patient(samples, (cut, 1.0 - cut), seed=seed)
+    assert sorted(s.study_id for part in parts for s in part) == sorted(s.study_id for s in samples)
+    first, second = ({s.patient_id for s in part} for part in parts)
+    assert not first & second
