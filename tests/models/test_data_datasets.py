@@ -83,7 +83,7 @@ def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"e\.csv:2.*neither an image nor a report"):
         read_manifest(empty)
     wrong = write_csv(tmp_path / "w.csv", [{"path": "a.png", "labels": "-"}])
-    with pytest.raises(ModelError, match="needs columns"):
+    with pytest.raises(ModelError, match="missing column.*image"):
         read_manifest(wrong)
 
 
@@ -178,6 +178,15 @@ def test_read_nih_unknown_finding(tmp_path: Path) -> None:
     write_csv(tmp_path / "labels.csv", [{"image": "a.png", "labels": "Dragon", "patient_id": "1"}])
     with pytest.raises(ModelError, match=r"labels\.csv:2.*'Dragon'"):
         read_nih(tmp_path / "labels.csv")
+
+
+def test_readers_name_missing_columns(tmp_path: Path) -> None:
+    write_csv(tmp_path / "labels.csv", [{"image": "a.png", "labels": "Nodule"}])
+    with pytest.raises(ModelError, match="missing column.*patient_id"):
+        read_nih(tmp_path)
+    write_csv(tmp_path / "d" / "train.csv", [{"Path": "x/patient1/study1/v.jpg", "Edema": "1.0"}])
+    with pytest.raises(ModelError, match="missing column.*No Finding"):
+        read_chexpert(tmp_path / "d" / "train.csv")
 
 
 def test_read_covid(tmp_path: Path) -> None:
