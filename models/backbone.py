@@ -3,7 +3,7 @@
 Formats read (all as state dicts, ``torch.load(weights_only=True)``, nothing downloaded):
 - torchvision ``densenet121`` state dicts, including the legacy ``norm.1``/``conv.1`` key names
   that torchvision itself remaps, ``module.`` prefixes (DataParallel) and ``{"state_dict": ...}``
-  / ``{"model": ...}`` wrappers; 3-channel conv0, ImageNet preprocessing;
+  / ``{"model": ...}`` / ``{"backbone": ...}`` wrappers; 3-channel conv0, ImageNet preprocessing;
 - torchxrayvision's chest X-ray ``DenseNet`` (same key names, 1-channel conv0, an 18-output
   classifier, input scaled to [-1024, 1024] at 224 px). Its release files are pickled model
   objects; they must be turned into a state dict with torchxrayvision first (see ModelError text).
@@ -31,7 +31,9 @@ FEATURE_DIM = 1024
 HEAD_KEY = re.compile(r"^(classifier\.|op_threshs$)")
 # torchvision's own remapping of pre-0.4 DenseNet keys ("denselayer1.norm.1.weight" -> "norm1.weight").
 LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
-WRAPPER_KEYS = ("state_dict", "model")
+# {"state_dict": ...} / {"model": ...} wrap common training checkpoints; {"backbone": ...} is how
+# models.backbone_training checkpoints and MMDL bundles (weights.pt) hold this backbone.
+WRAPPER_KEYS = ("state_dict", "model", "backbone")
 _SHOWN = 5
 
 

@@ -82,6 +82,11 @@ def _half_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def round_to_stored_precision(module: torch.nn.Module) -> None:
+    """Round a module's weights to what a bundle stores (float16), so features match a saved copy."""
+    _load_full(module, _half_state(module), type(module).__name__)
+
+
 def _load_full(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load a (possibly float16) state dict as float32; ModelError naming what does not fit."""
     try:
@@ -103,6 +108,7 @@ class MMDLModel:
         version: str | None = None,
         label_names: Sequence[str] = OBSERVATIONS,
         metrics: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
         device: str = "auto",
     ) -> None:
         if tuple(label_names) != OBSERVATIONS:
@@ -119,6 +125,8 @@ class MMDLModel:
         self.scda = scda
         self.label_names: tuple[str, ...] = tuple(label_names)
         self.metrics: dict[str, Any] = dict(metrics or {})
+        #: How the model was trained (configuration, data split, timings): JSON-ready, kept in model.json.
+        self.training: dict[str, Any] = dict(training or {})
         self.version = version or self._make_version()
 
     @property
@@ -142,8 +150,8 @@ class MMDLModel:
         )
 
     @torch.no_grad()
-    def _heads(self, inputs: np.ndarray, modality: str) -> np.ndarray:
-        """h for a batch of image features or report vectors."""
+    def embed_features(self, inputs: np.ndarray, modality: str) -> np.ndarray:
+        """h for precomputed image features (``image_features``) or report vectors ("image" / "report")."""
         if len(inputs) == 0:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         x = torch.as_tensor(np.asarray(inputs, dtype=np.float32), device=self.device)
@@ -153,11 +161,11 @@ class MMDLModel:
         """(n, 512) float32 raw h of images as ``models.imaging`` returns them."""
         if len(images) == 0:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        return self._heads(self.image_features(images), "image")
+        return self.embed_features(self.image_features(images), "image")
 
     def embed_reports(self, texts: Sequence[str]) -> np.ndarray:
         """(n, 512) float32 raw h of report texts (Findings + Impression)."""
-        return self._heads(self.report_encoder.encode(list(texts)), "report")
+        return self.embed_features(self.report_encoder.encode(list(texts)), "report")
 
     @torch.no_grad()
     def predict_labels(self, embeddings: np.ndarray) -> np.ndarray:
@@ -175,9 +183,9 @@ class MMDLModel:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        round_to_stored_precision(self.backbone)
+        round_to_stored_precision(self.heads)
         state = {"backbone": _half_state(self.backbone), "heads": _half_state(self.heads)}
-        _load_full(self.backbone, state["backbone"], "backbone")
-        _load_full(self.heads, state["heads"], "heads")
         torch.save(state, directory / WEIGHTS)
         self.report_encoder.save(directory / DOC2VEC)
         (directory / METRICS).write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
@@ -199,6 +207,7 @@ class MMDLModel:
                 "seed": self.report_encoder.seed,
             },
             "weights_dtype": "float16",
+            "training": self.training,
             "files": {name: _sha256(directory / name) for name in (WEIGHTS, DOC2VEC, METRICS)},
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -216,6 +225,7 @@ class MMDLModel:
             heads = MMDLHeads(image_dim=int(image["feature_dim"]), report_dim=int(report["dim"]))
             scda, infer_epochs, seed = bool(image["scda"]), int(report["infer_epochs"]), int(report["seed"])
             version, label_names = str(manifest["version"]), manifest["label_names"]
+            training = dict(manifest.get("training") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{directory / MANIFEST} is incomplete or malformed: {exc!r}") from exc
         try:
@@ -227,10 +237,13 @@ class MMDLModel:
         except Exception as exc:  # torch raises many types for a truncated / foreign file
             raise ModelError(f"cannot read weights {directory / WEIGHTS}: {exc!r}") from exc
         report_encoder = ReportEncoder.load(directory / DOC2VEC, infer_epochs=infer_epochs, seed=seed)
-        metrics = json.loads((directory / METRICS).read_text())
+        try:
+            metrics = json.loads((directory / METRICS).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read {directory / METRICS}: {exc}") from exc
         return cls(
             backbone, heads, report_encoder, preprocessing, scda=scda, version=version,
-            label_names=label_names, metrics=metrics, device=device,
+            label_names=label_names, metrics=metrics, training=training, device=device,
         )
 
 

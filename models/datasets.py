@@ -139,8 +139,6 @@ def _raw_from_chexpert_row(row: dict[str, str], where: str) -> tuple[int | None,
     """Raw 1/0/-1/None labels from the 14 CheXpert-style columns (1.0, 0.0, -1.0, blank)."""
     raw: list[int | None] = []
     for name in OBSERVATIONS:
-        if name not in row:
-            raise ModelError(f"{where}: column {name!r} is missing")
         cell = (row[name] or "").strip()
         if not cell:
             raw.append(None)
@@ -155,13 +153,17 @@ def _raw_from_chexpert_row(row: dict[str, str], where: str) -> tuple[int | None,
     return tuple(raw)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV (optionally .gz) as dicts; a missing file is a ModelError."""
+def _read_csv(path: Path, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV (optionally .gz) as dicts; a missing file or a missing column is a ModelError."""
     if not path.is_file():
         raise ModelError(f"CSV file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ModelError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
+        return list(reader)
 
 
 def _csv_in(path: str | Path, name: str) -> Path:
@@ -176,9 +178,7 @@ def _csv_in(path: str | Path, name: str) -> Path:
 def read_manifest(path: str | Path) -> list[Sample]:
     """Samples of a CSV manifest (see the module docstring for its columns)."""
     path = Path(path)
-    rows = _read_csv(path)
-    if rows and not {"image", "report", "labels"} <= rows[0].keys():
-        raise ModelError(f"{path}: manifest needs columns image, report, labels; found {sorted(rows[0])}")
+    rows = _read_csv(path, ("image", "report", "labels"))
     samples = []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path}:{number}"
@@ -299,7 +299,7 @@ def read_nih(path: str | Path) -> list[Sample]:
     """Image-only samples of NIH ChestX-ray14 ``labels.csv`` (path to it or to its folder)."""
     csv_path = _csv_in(path, "labels.csv")
     samples = []
-    for number, row in enumerate(_read_csv(csv_path), start=2):
+    for number, row in enumerate(_read_csv(csv_path, ("image", "labels", "patient_id")), start=2):
         where = f"{csv_path}:{number}"
         vec = _mapped((n.strip() for n in row["labels"].split("|") if n.strip()), NIH_TO_CHEXPERT, where)
         for column, target in GOOGLE2019_TO_CHEXPERT.items():
@@ -321,7 +321,8 @@ def read_covid(path: str | Path) -> list[Sample]:
     """Image + clinical-note samples of the COVID set's ``records.csv`` (``todo`` = unlabelled)."""
     csv_path = _csv_in(path, "records.csv")
     samples = []
-    for number, row in enumerate(_read_csv(csv_path), start=2):
+    columns = ("id", "image_file", "labels", "patientid")
+    for number, row in enumerate(_read_csv(csv_path, columns), start=2):
         names = [n.strip() for n in row["labels"].split("|") if n.strip()]
         labels = None
         if names and names != [COVID_UNLABELLED]:
@@ -378,13 +379,14 @@ def read_mimic(
     if label_csv is None:
         raise ModelError(f"{root}: mimic-cxr-2.0.0-chexpert.csv(.gz) not found")
     labels = {}
-    for number, row in enumerate(_read_csv(label_csv), start=2):
+    for number, row in enumerate(_read_csv(label_csv, ("subject_id", "study_id", *OBSERVATIONS)), start=2):
         raw = _raw_from_chexpert_row(row, f"{label_csv}:{number}")
         labels[(row["subject_id"], row["study_id"])] = apply_policy(raw, policy)
     views: dict[str, str] = {}
     meta_csv = _first_existing(root, ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-metadata.csv.gz"))
     if meta_csv is not None:
-        views = {row["dicom_id"]: (row.get("ViewPosition") or "").upper() for row in _read_csv(meta_csv)}
+        meta = _read_csv(meta_csv, ("dicom_id", "ViewPosition"))
+        views = {row["dicom_id"]: (row["ViewPosition"] or "").upper() for row in meta}
     samples = []
     for (subject, study), vec in sorted(labels.items()):
         rel = Path("files") / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
@@ -422,7 +424,7 @@ def read_chexpert(
     csv_path = Path(csv_path)
     base = Path(root) if root is not None else csv_path.parent.parent
     samples = []
-    for number, row in enumerate(_read_csv(csv_path), start=2):
+    for number, row in enumerate(_read_csv(csv_path, ("Path", *OBSERVATIONS)), start=2):
         where = f"{csv_path}:{number}"
         if frontal_only and (row.get("Frontal/Lateral") or "Frontal").strip() != "Frontal":
             continue

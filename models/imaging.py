@@ -44,24 +44,12 @@ def read_dicom_image(source: str | Path | bytes | Dataset) -> np.ndarray:
     luminance. Files without a Part-10 header are read too. A Dataset passed in gets a Transfer
     Syntax UID set in its file meta when it has none. Any failure raises ModelError.
     """
-    ds = _as_dataset(source)
-    if len(ds) == 0:
-        raise ModelError("not a DICOM file: no data element could be read")
-    if "PixelData" not in ds:
-        raise ModelError("no Pixel Data in the DICOM dataset (not an image object, or a truncated file)")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric not in MONOCHROME + COLOUR:
-        raise ModelError(f"unsupported Photometric Interpretation {photometric or '(missing)'}")
-    frame = _decode_first_frame(ds)
-    if photometric in COLOUR:
-        if frame.ndim != 3 or frame.shape[-1] != 3:
-            raise ModelError(f"colour image decoded to shape {frame.shape}, expected rows x columns x 3")
-        bits = int(ds.get("BitsStored", 8))
-        return _clip01(frame.astype(np.float64) @ LUMA_WEIGHTS / (2**bits - 1))
-    if frame.ndim != 2:
-        raise ModelError(f"{photometric} image decoded to shape {frame.shape}, expected rows x columns")
-    image = _monochrome_to_unit(frame, ds)
-    return 1.0 - image if photometric == "MONOCHROME1" else image
+    try:
+        return _dataset_to_unit(_as_dataset(source))
+    except ModelError:
+        raise
+    except Exception as exc:  # A malformed element only fails when pydicom converts its value.
+        raise ModelError(f"malformed DICOM image attributes: {exc}") from exc
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -82,7 +70,7 @@ def load_image(path: str | Path) -> np.ndarray:
             return _picture_to_unit(picture)
     except UnidentifiedImageError:
         pass  # Not a picture format Pillow knows: a DICOM file without a Part-10 header, maybe.
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ModelError(f"cannot decode image file {str(path)!r}: {exc}") from exc
     try:
         return read_dicom_image(path)
@@ -157,6 +145,27 @@ def to_model_input(images: Sequence[np.ndarray], preprocessing: Preprocessing) -
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (batch - mean) / std
+
+
+def _dataset_to_unit(ds: Dataset) -> np.ndarray:
+    """read_dicom_image's work on a parsed dataset."""
+    if len(ds) == 0:
+        raise ModelError("not a DICOM file: no data element could be read")
+    if "PixelData" not in ds:
+        raise ModelError("no Pixel Data in the DICOM dataset (not an image object, or a truncated file)")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in MONOCHROME + COLOUR:
+        raise ModelError(f"unsupported Photometric Interpretation {photometric or '(missing)'}")
+    frame = _decode_first_frame(ds)
+    if photometric in COLOUR:
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise ModelError(f"colour image decoded to shape {frame.shape}, expected rows x columns x 3")
+        bits = int(ds.get("BitsStored", 8))
+        return _clip01(frame.astype(np.float64) @ LUMA_WEIGHTS / (2**bits - 1))
+    if frame.ndim != 2:
+        raise ModelError(f"{photometric} image decoded to shape {frame.shape}, expected rows x columns")
+    image = _monochrome_to_unit(frame, ds)
+    return 1.0 - image if photometric == "MONOCHROME1" else image
 
 
 def _as_dataset(source: str | Path | bytes | Dataset) -> Dataset:

@@ -411,8 +411,8 @@ def aggregate(mentions: Sequence[Mention]) -> tuple[int | None, ...]:
     abnormal = any(
         status in (POSITIVE, UNCERTAIN) for obs, status in best.items() if obs not in (SUPPORT_DEVICES, NO_FINDING)
     )
-    best[NO_FINDING] = None if abnormal else POSITIVE  # type: ignore[assignment]
-    return tuple(best.get(obs) for obs in OBSERVATIONS)
+    no_finding = None if abnormal else POSITIVE
+    return tuple(no_finding if obs == NO_FINDING else best.get(obs) for obs in OBSERVATIONS)
 
 
 def label_report(text: str) -> tuple[int | None, ...]:

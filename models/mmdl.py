@@ -7,6 +7,10 @@ Doc2Vec report vectors 300-d), so the FIRST layer is per modality (1024->1024 fo
 300->1024 for reports) and the second (1024->1024) and third (1024->512) layers are one set of
 weights that both modalities go through. P (512 x 14) is shared too, so both modalities are pulled
 towards one label space and need no pairing.
+
+Each modality's input is standardised with a per-feature mean and standard deviation measured on
+the training data (``set_input_statistics``) and stored with the weights: backbone features and
+Doc2Vec vectors come on very different scales.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.errors import ModelError
 from models.observations import NUM_OBSERVATIONS
 
 IMAGE_DIM = 1024
@@ -47,11 +52,27 @@ class MMDLHeads(nn.Module):
             nn.ReLU(),
         )
         self.P = nn.Parameter(torch.randn(EMBEDDING_DIM, num_labels) * (1.0 / EMBEDDING_DIM**0.5))
+        for modality, dim in (("image", image_dim), ("report", report_dim)):
+            self.register_buffer(f"{modality}_mean", torch.zeros(dim))
+            self.register_buffer(f"{modality}_std", torch.ones(dim))
+
+    def set_input_statistics(self, modality: str, x: torch.Tensor) -> None:
+        """Store the per-feature mean and std of a modality's training inputs (no-op for < 2 rows)."""
+        self._check(modality)
+        if x.shape[0] < 2:
+            return
+        getattr(self, f"{modality}_mean").copy_(x.mean(dim=0))
+        getattr(self, f"{modality}_std").copy_(x.std(dim=0).clamp_min(1e-6))
+
+    def _check(self, modality: str) -> None:
+        """ModelError naming an unknown modality."""
+        if modality not in self.inputs:
+            raise ModelError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
 
     def encode(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """h: the (n, 512) common-space embedding of image features or report vectors."""
-        if modality not in self.inputs:
-            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        self._check(modality)
+        x = (x - getattr(self, f"{modality}_mean")) / getattr(self, f"{modality}_std")
         return self.shared(self.inputs[modality](x))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,8 @@ class ReportEncoder:
         return np.stack([self.encode_one(t) for t in texts])
 
     def save(self, path: str | Path) -> None:
-        """Write the Doc2Vec model (one file for the model sizes used here, plus any .npy sidecars)."""
-        self.model.save(str(path))
+        """Write the Doc2Vec model as one file (no .npy sidecars, whatever its size)."""
+        self.model.save(str(path), separately=[])
 
     @classmethod
     def load(cls, path: str | Path, infer_epochs: int = 50, seed: int = 0) -> "ReportEncoder":

@@ -59,6 +59,9 @@ def test_label_policy(reports: Path, capsys: pytest.CaptureFixture[str]) -> None
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert results[1]["labels"]["Pneumonia"] == 1
     assert all(v in (0, 1) for r in results for v in r["labels"].values())
+    label.run(parse(label, [str(reports), "--policy", "u-ignore"]))
+    ignored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ignored[1]["labels"]["Pneumonia"] == -1 and ignored[1]["labels"]["Cardiomegaly"] == 0
 
 
 def test_label_all_good_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

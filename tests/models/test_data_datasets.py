@@ -7,6 +7,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.datasets import (
     findings_and_impression,
@@ -81,7 +83,7 @@ def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"e\.csv:2.*neither an image nor a report"):
         read_manifest(empty)
     wrong = write_csv(tmp_path / "w.csv", [{"path": "a.png", "labels": "-"}])
-    with pytest.raises(ModelError, match="needs columns"):
+    with pytest.raises(ModelError, match="missing column.*image"):
         read_manifest(wrong)
 
 
@@ -176,6 +178,15 @@ def test_read_nih_unknown_finding(tmp_path: Path) -> None:
     write_csv(tmp_path / "labels.csv", [{"image": "a.png", "labels": "Dragon", "patient_id": "1"}])
     with pytest.raises(ModelError, match=r"labels\.csv:2.*'Dragon'"):
         read_nih(tmp_path / "labels.csv")
+
+
+def test_readers_name_missing_columns(tmp_path: Path) -> None:
+    write_csv(tmp_path / "labels.csv", [{"image": "a.png", "labels": "Nodule"}])
+    with pytest.raises(ModelError, match="missing column.*patient_id"):
+        read_nih(tmp_path)
+    write_csv(tmp_path / "d" / "train.csv", [{"Path": "x/patient1/study1/v.jpg", "Edema": "1.0"}])
+    with pytest.raises(ModelError, match="missing column.*No Finding"):
+        read_chexpert(tmp_path / "d" / "train.csv")
 
 
 def test_read_covid(tmp_path: Path) -> None:
@@ -337,3 +348,17 @@ def test_real_sources(shared_data: Path) -> None:
     iu = read_iu_reports(shared_data / "iu-reports" / "NLMCXR_reports.tgz")
     assert len(iu) == 3140  # of 3,164 XML files, 24 have neither FINDINGS nor IMPRESSION
     assert all(s.labels is not None and set(s.labels) <= {0, 1} for s in iu)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    patients=st.lists(st.integers(0, 30), min_size=1, max_size=80),
+    cut=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_split_by_patient_never_splits_a_patient(patients: list[int], cut: float, seed: int) -> None:
+    samples = [Sample(f"p{p}", f"s{i}", "x", report="r") for i, p in enumerate(patients)]
+    parts = split_by_patient(samples, (cut, 1.0 - cut), seed=seed)
+    assert sorted(s.study_id for part in parts for s in part) == sorted(s.study_id for s in samples)
+    first, second = ({s.patient_id for s in part} for part in parts)
+    assert not first & second

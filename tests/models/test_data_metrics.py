@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torchmetrics.retrieval import RetrievalMAP
 
@@ -186,3 +188,19 @@ def test_fast_for_thousands_of_queries() -> None:
     report = retrieval_report(emb, lab)
     assert time.perf_counter() - start < 30  # about 2 s on one core; generous for a shared CI machine
     assert 0.0 <= report["map@all"] <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    classes=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+)
+def test_map_properties(n: int, classes: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, 3))
+    lab = (rng.random((n, classes)) < 0.5).astype(int)
+    got = mean_average_precision(emb, lab, ks=(1, n - 1, None))
+    assert all(0.0 <= v <= 1.0 for v in got.values())
+    assert got[f"map@{n - 1}"] == pytest.approx(got["map@all"])  # the top n-1 is everything
+    assert got["map@all"] == pytest.approx(plain_map(emb, lab, None))

@@ -8,6 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -258,3 +260,35 @@ def test_preprocessing_record_round_trip_and_validation() -> None:
         Preprocessing.from_dict({"size": 224})
     with pytest.raises(ModelError, match="2-D"):
         to_model_input([np.zeros((3, 4, 4), np.float32)], Preprocessing())
+
+
+def small_file(compressed: bool) -> bytes:
+    """A 16 x 16 windowed image file, uncompressed or RLE, as the fuzz test's seed."""
+    ds = make_dataset((np.arange(256, dtype=np.uint16).reshape(16, 16) * 16))
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    if compressed:
+        ds.compress(RLELossless, ds.pixel_array)
+    return to_bytes(ds)
+
+
+SEEDS = {False: small_file(False), True: small_file(True)}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    compressed=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=6),
+    keep=st.floats(0.0, 1.0),
+)
+def test_damaged_files_decode_or_raise_model_error(compressed: bool, flips: list[tuple[int, int]], keep: float) -> None:
+    data = bytearray(SEEDS[compressed])
+    for position, value in flips:
+        data[position % len(data)] = value
+    data = data[: max(1, round(len(data) * keep))] if keep < 0.98 else data
+    try:
+        image = read_dicom_image(bytes(data))
+    except ModelError:
+        return
+    assert image.ndim == 2 and image.dtype == np.float32
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0

@@ -95,7 +95,7 @@ def test_total_loss_is_sum_of_parts_and_unpaired_batches_train() -> None:
     y_rep = (torch.rand(10, 14) > 0.6).float()
     batch = {"image": (torch.randn(12, 16), y_img), "report": (torch.randn(10, 8), y_rep)}
     loss, parts = mmdl_loss(heads, batch, triplet_weight=0.5)
-    assert float(loss) == pytest.approx(
+    assert float(loss.detach()) == pytest.approx(
         parts["label_image"] + parts["label_report"] + 0.5 * parts["triplet_image"], rel=1e-5
     )
     only_reports, parts = mmdl_loss(heads, {"report": batch["report"]})
@@ -119,4 +119,17 @@ def test_few_steps_lower_the_loss() -> None:
         loss.backward()
         opt.step()
     last, _ = mmdl_loss(heads, batch)
-    assert float(last) < 0.7 * float(first)
+    assert float(last.detach()) < 0.7 * float(first.detach())
+
+
+def test_input_statistics_standardise_each_modality() -> None:
+    heads = MMDLHeads(image_dim=4, report_dim=3)
+    x = torch.tensor([[1.0, 2, 3, 4], [3, 6, 9, 12]])
+    heads.set_input_statistics("image", x)
+    reference = MMDLHeads(image_dim=4, report_dim=3)
+    reference.load_state_dict(heads.state_dict())
+    reference.image_mean.zero_()
+    reference.image_std.fill_(1.0)
+    standardised = (x - x.mean(0)) / x.std(0)
+    assert torch.allclose(heads.encode(x, "image"), reference.encode(standardised, "image"))
+    assert "image_mean" in heads.state_dict() and "report_std" in heads.state_dict()
