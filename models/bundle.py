@@ -274,15 +274,16 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def create_random_model(directory: str | Path, seed: int = 0, device: str = "auto") -> MMDLModel:
+def create_random_model(directory: str | Path, seed: int = 0, device: str = "auto", image_size: int = 224) -> MMDLModel:
     """A model with the real architecture and random weights, saved to ``directory`` and loaded back.
 
     For tests of the node: Doc2Vec is trained on a few built-in sentences. Takes a few seconds on CPU.
+    A small ``image_size`` (e.g. 64) keeps the same layers but makes each image ~12x cheaper to embed.
     """
     torch.manual_seed(seed)
     backbone = DenseNetBackbone(in_channels=3)
     heads = MMDLHeads()
     encoder = ReportEncoder.train(_RANDOM_SENTENCES * 3, min_count=1, epochs=5, seed=seed, infer_epochs=10)
-    model = MMDLModel(backbone, heads, encoder, Preprocessing(), scda=True, device="cpu")
+    model = MMDLModel(backbone, heads, encoder, Preprocessing(size=image_size), scda=True, device="cpu")
     model.save(directory)
     return MMDLModel.load(directory, device=device)

@@ -20,11 +20,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of the MMDL architecture with random weights, for tests that embed."""
+    """A bundle of the MMDL architecture with random weights, for tests that embed.
+
+    64-pixel input: the same layers at a twelfth of the cost, so that tests of volume stay quick.
+    """
     from models.bundle import create_random_model
 
     directory = tmp_path_factory.mktemp("model") / "random-mmdl"
-    create_random_model(directory, seed=0, device="cpu")
+    create_random_model(directory, seed=0, device="cpu", image_size=64)
     return directory
 
 
