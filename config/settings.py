@@ -43,6 +43,7 @@ class NodeSettings(_Section):
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    message_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from dicom_node.handlers import (
 from dicom_node.ingest import Ingestor
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
+from dicom_node.watchdog import AssociationWatchdog
 from indexer.catalog import Catalog
 from indexer.embedding import EmbeddingJob, Encoder
 from indexer.scheduler import JobScheduler
@@ -102,6 +103,7 @@ class Node:
             decode_workers=settings.scheduler.decode_workers,
         )
         self.scheduler = JobScheduler()
+        self.watchdog = AssociationWatchdog(settings.node.message_timeout_s)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
         self._stop_lock = threading.Lock()
@@ -120,12 +122,14 @@ class Node:
             (evt.EVT_C_FIND, handle_find, [services]),
             (evt.EVT_C_MOVE, handle_move, [services]),
             (evt.EVT_C_GET, handle_get, [services]),
+            *self.watchdog.handlers(),
         ]
         node = self.settings.node
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
         self.scheduler.add("embed", self.job.run, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
+        self.scheduler.add("watchdog", self.watchdog.sweep, min(5.0, node.message_timeout_s / 4))
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
                  node.host, self.port, len(self.index))

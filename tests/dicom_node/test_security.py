@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,3 +96,26 @@ def test_association_limit(start_node: Callable[..., Node]) -> None:
     after = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
     assert after.is_established and after.send_c_echo().Status == 0
     after.release()
+
+
+def test_idle_and_trickling_associations_are_closed(start_node: Callable[..., Node]) -> None:
+    node = start_node(node={"message_timeout_s": 1.0})
+    ae = AE("SLOW")
+    ae.add_requested_context(Verification)
+    idle = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    trickle = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert idle.is_established and trickle.is_established
+    raw = trickle.dul.socket.socket
+    raw.sendall(bytes([0x04, 0x00, 0x00, 0x00, 0x10, 0x00]))  # a P-DATA-TF promising 1 MiB ...
+    deadline = time.monotonic() + 30
+    while (idle.is_established or trickle.is_established) and time.monotonic() < deadline:
+        try:
+            raw.sendall(b"\x00")  # ... that arrives one byte at a time
+        except OSError:
+            pass
+        time.sleep(0.2)
+    assert idle.is_aborted and not trickle.is_established
+    assert node.watchdog.aborted == 2
+    fresh = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert fresh.is_established and fresh.send_c_echo().Status == 0
+    fresh.release()
