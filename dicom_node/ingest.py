@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import get_expected_length
 
 from dicom_node.errors import NodeError
 from dicom_node.sop_classes import STORAGE_KIND
@@ -31,6 +32,27 @@ class IngestResult:
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
     return str(ds.get(keyword, "") or "").strip()[:limit]
+
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def check_pixel_data(ds: Dataset, encoded: bytes) -> None:
+    """Refuse pixel data cut short in transit: pydicom reads a truncated last element without complaint."""
+    if "PixelData" not in ds or "DataSetTrailingPadding" in ds:
+        return
+    element = ds["PixelData"]
+    if element.is_undefined_length:  # encapsulated: the fragments must end with their delimiter
+        if not encoded.endswith(_SEQUENCE_DELIMITER):
+            raise NodeError("encapsulated pixel data is not terminated (truncated dataset)")
+        return
+    try:
+        expected = get_expected_length(ds)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise NodeError(f"pixel data without valid image attributes ({error})") from None
+    actual = len(element.value or b"")
+    if actual < expected:
+        raise NodeError(f"pixel data truncated: {actual} of {expected} bytes")
 
 
 def study_attrs(ds: Dataset) -> StudyAttrs:
@@ -78,6 +100,7 @@ class Ingestor:
             sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
             if str(ds.get("SOPClassUID", "")).strip() != sop_class_uid:
                 raise NodeError(f"SOPClassUID of the dataset does not match the presentation context ({sop_class_uid})")
+            check_pixel_data(ds, encoded)
             report = (
                 ReportAttrs(text=report_text(ds), report_time=report_time(ds)) if kind is Kind.REPORT else None
             )

@@ -141,6 +141,8 @@ class VectorIndex:
     @classmethod
     def open(cls, params: HnswParams, directory: Path, catalog: Catalog) -> VectorIndex:
         """Load the newest snapshot and catch it up with the catalog, or rebuild from the catalog."""
+        for partial in directory.glob(".*.tmp"):  # a snapshot interrupted by a crash
+            partial.unlink()
         index = cls.load_snapshot(params, directory) or cls(params, directory)
         start_seq = index.seq
         added = 0
