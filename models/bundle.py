@@ -115,7 +115,8 @@ class MMDLModel:
             raise ModelError(f"label names {tuple(label_names)!r} differ from the 14 CheXpert observations")
         if heads.inputs["report"].in_features != report_encoder.dim:
             raise ModelError(
-                f"report head takes {heads.inputs['report'].in_features}-d input but Doc2Vec gives {report_encoder.dim}-d"
+                f"report head takes {heads.inputs['report'].in_features}-d input "
+                f"but Doc2Vec gives {report_encoder.dim}-d"
             )
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device).eval()
@@ -261,7 +262,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelError(f"{path} is not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path} has format_version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+        found = manifest.get("format_version")
+        raise ModelError(f"{path} has format_version {found!r}; this code reads {FORMAT_VERSION}")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {WEIGHTS, DOC2VEC, METRICS}:
         raise ModelError(f"{path} must list checksums for {WEIGHTS}, {DOC2VEC} and {METRICS}")

@@ -133,7 +133,11 @@ def _head_config(model: MMDLModel, seed: int) -> HeadConfig:
 
 
 def _details(
-    model: MMDLModel, train: Sequence[Sample], queries: Sequence[Sample], images: Sequence[Sample], reports: Sequence[Sample]
+    model: MMDLModel,
+    train: Sequence[Sample],
+    queries: Sequence[Sample],
+    images: Sequence[Sample],
+    reports: Sequence[Sample],
 ) -> dict[str, Any]:
     """Counts and identity of the run, for the Markdown header (no patient data)."""
     return {

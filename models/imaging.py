@@ -243,6 +243,7 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _clip01(values: np.ndarray) -> np.ndarray:
+    """Clip to [0, 1] as float32, the contract of every image this module returns."""
     return np.clip(values, 0.0, 1.0).astype(np.float32)
 
 

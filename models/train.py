@@ -49,7 +49,7 @@ MAX_SIDE = 512
 class HeadConfig:
     """Hyper-parameters of the MMDL heads + P, trained on cached features."""
 
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -132,7 +132,8 @@ def read_image(path: Path) -> np.ndarray:
     if scale >= 1.0:
         return image
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(size, Image.BILINEAR), dtype=np.float32)
+    picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    return np.asarray(picture.resize(size, Image.BILINEAR), dtype=np.float32)
 
 
 def digest(*parts: object) -> str:
@@ -222,13 +223,14 @@ def train_heads(
 
     Each step takes one batch of images and one of reports, each from its own shuffled pool
     (cycled), so the modalities need no pairing. Returns the heads (eval mode) and per-epoch losses.
+    Deterministic for a seed; resumes from ``checkpoint`` (written after every epoch).
     """
     if len(image_x) == 0 and len(report_x) == 0:
         raise ModelError("nothing to train the heads on: no labelled image and no labelled report")
     torch.manual_seed(config.seed)
     heads = MMDLHeads(image_dim=image_x.shape[1], report_dim=report_x.shape[1], dropout=config.dropout)
     pools = {
-        name: (torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(y, np.float32)))
+        name: (torch.as_tensor(np.asarray(x, np.float32)), torch.as_tensor(np.asarray(y, np.float32)))
         for name, x, y in (("image", image_x, image_y), ("report", report_x, report_y))
         if len(x) > 0
     }
@@ -239,12 +241,15 @@ def train_heads(
     losses: list[float] = []
     if checkpoint is not None and checkpoint.is_file():
         losses = _resume_heads(checkpoint, heads, optimizer, config)
-    steps = math.ceil(max(len(x) for x, _ in pools.values()) / config.batch_size)
+    # An epoch is one pass over the images (over the reports when there are none); the report pool
+    # is cycled across epochs, so every report is used while an epoch costs what the images need.
+    lead = pools["image"] if "image" in pools else pools["report"]
+    steps = math.ceil(len(lead[0]) / config.batch_size)
     bar = tqdm(range(len(losses), config.epochs), desc="MMDL heads", unit="epoch", disable=not progress)
     for epoch in bar:
         heads.train()
-        rng = np.random.default_rng([config.seed, epoch])
-        orders = {name: np.resize(rng.permutation(len(x)), steps * config.batch_size) for name, (x, _) in pools.items()}
+        draw = steps * config.batch_size
+        orders = {name: cycled_order(len(x), epoch, draw, config.seed) for name, (x, _) in pools.items()}
         total = 0.0
         for step in range(steps):
             batch = {}
@@ -264,10 +269,23 @@ def train_heads(
     return heads, losses
 
 
-def _save_heads(path: Path, heads: MMDLHeads, optimizer: torch.optim.Optimizer, config: HeadConfig, losses: list[float]) -> None:
+def cycled_order(size: int, epoch: int, count: int, seed: int) -> np.ndarray:
+    """Indices ``epoch * count ... (epoch + 1) * count - 1`` of an endless sequence of seeded
+    permutations of ``range(size)``: a pool larger than an epoch's draw is worked through over epochs."""
+    first = epoch * count
+    rounds = range(first // size, (first + count - 1) // size + 1)
+    sequence = np.concatenate([np.random.default_rng([seed, r]).permutation(size) for r in rounds])
+    offset = first - rounds[0] * size
+    return sequence[offset : offset + count]
+
+
+def _save_heads(
+    path: Path, heads: MMDLHeads, optimizer: torch.optim.Optimizer, config: HeadConfig, losses: list[float]
+) -> None:
     """Write the head training state atomically."""
     partial = path.with_name(path.name + ".partial")
-    torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses, "config": asdict(config)}, partial)
+    state = {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses, "config": asdict(config)}
+    torch.save(state, partial)
     partial.replace(path)
 
 

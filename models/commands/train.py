@@ -39,14 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-fraction", type=float, default=100.0, help="percent of reports kept (0-100)")
     parser.add_argument("--image-size", type=int, default=224, help="backbone input size in pixels")
     parser.add_argument("--no-scda", action="store_true", help="features of the whole image, no SCDA crop")
-    parser.add_argument("--init-backbone", type=Path, help="DenseNet121 checkpoint to start from (torchvision/torchxrayvision)")
+    parser.add_argument("--init-backbone", type=Path,
+                        help="DenseNet121 checkpoint to start from (torchvision or torchxrayvision state dict)")
     parser.add_argument("--backbone-epochs", type=int, default=BackboneTrainingConfig.epochs)
     parser.add_argument("--backbone-lr", type=float, default=BackboneTrainingConfig.learning_rate)
     parser.add_argument("--backbone-batch-size", type=int, default=BackboneTrainingConfig.batch_size)
     parser.add_argument("--backbone-triplet-weight", type=float, default=BackboneTrainingConfig.triplet_weight)
     parser.add_argument("--head-epochs", type=int, default=HeadConfig.epochs)
     parser.add_argument("--head-lr", type=float, default=HeadConfig.learning_rate)
-    parser.add_argument("--triplet-weight", type=float, default=HeadConfig.triplet_weight, help="image triplet loss weight")
+    parser.add_argument("--triplet-weight", type=float, default=HeadConfig.triplet_weight,
+                        help="weight of the image triplet loss")
     parser.add_argument("--margin", type=float, default=HeadConfig.margin, help="triplet margin (cosine distance)")
     parser.add_argument("--doc2vec-dim", type=int, default=TrainConfig.doc2vec_dim)
     parser.add_argument("--doc2vec-epochs", type=int, default=TrainConfig.doc2vec_epochs)

@@ -151,6 +151,14 @@ def test_without_window_the_full_range_is_used() -> None:
     np.testing.assert_allclose(read_dicom_image(make_dataset(pixels)), [[0, 1 / 3], [2 / 3, 1]], atol=1e-6)
 
 
+def test_invalid_window_falls_back_to_the_full_range(caplog: pytest.LogCaptureFixture) -> None:
+    pixels = np.array([[100, 200], [300, 400]], dtype=np.uint16)
+    ds = make_dataset(pixels)
+    ds.WindowCenter, ds.WindowWidth = 250, 0  # a width below 1 is invalid (PS3.3 C.11.2.1.2)
+    np.testing.assert_allclose(read_dicom_image(ds), [[0, 1 / 3], [2 / 3, 1]], atol=1e-6)
+    assert "ignoring an invalid VOI LUT / window" in caplog.text
+
+
 def test_first_frame_of_multiframe() -> None:
     frames = np.stack([np.full((8, 8), 10, np.uint8), np.full((8, 8), 200, np.uint8)])
     frames[0, :4] = 250  # frame 0: top half bright

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.bundle import MMDLModel
@@ -15,7 +16,7 @@ from models.commands import train as train_command
 from models.datasets import read_manifest, write_manifest
 from models.evaluate import MAIN_METHODS, coverage_name
 from models.observations import OBSERVATIONS, Sample
-from models.train import HeadConfig, keep_reports, train_heads
+from models.train import HeadConfig, cycled_order, keep_reports, train_heads
 
 CLASSES = ("No Finding", "Cardiomegaly", "Pleural Effusion", "Pneumonia")
 TEXT = {
@@ -62,6 +63,15 @@ def _parse(module: object, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)  # type: ignore[attr-defined]
     return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> object:
+    """DenseNet on a shared 2-core machine: one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +155,9 @@ def test_train_heads_lowers_the_loss_and_resumes(tmp_path: Path) -> None:
     _, resumed = train_heads(x_img, y, x_rep, y, HeadConfig(epochs=6, batch_size=8, dropout=0.0),
                              checkpoint=tmp_path / "h.ckpt", progress=False)
     assert resumed[:4] == losses and len(resumed) == 6
+
+
+def test_report_pool_is_worked_through_across_epochs() -> None:
+    drawn = np.concatenate([cycled_order(10, epoch, 4, seed=0) for epoch in range(5)])
+    assert sorted(drawn) == sorted(list(range(10)) * 2)  # 5 epochs x 4 = two full passes
+    assert not np.array_equal(drawn[:10], np.arange(10))
