@@ -113,6 +113,7 @@ def handle_store(event: Event, services: Services) -> Dataset:
     """Write the dataset exactly as received, catalog it, and only then answer success."""
     try:
         ds = event.dataset
+        ds.walk(lambda *_: None)  # decode every element now, so that a malformed one is refused here
     except Exception as error:  # a malformed encoding can raise many error types inside pydicom
         LOG.warning("C-STORE from %s: dataset cannot be parsed (%s)", calling_ae(event), type(error).__name__)
         return status(Status.CANNOT_UNDERSTAND, "dataset cannot be parsed")

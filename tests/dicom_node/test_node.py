@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -288,10 +289,17 @@ def test_undecodable_image_fails_alone(start_node: Callable[..., Node], studies:
     broken = dcmread(studies[1]["image"])
     broken.SOPInstanceUID = generate_uid()
     broken.StudyInstanceUID = generate_uid()
-    broken.PixelData = broken.PixelData[:1000]  # far fewer bytes than Rows x Columns x 2
-    path = tmp_path / "broken.dcm"
-    broken.save_as(path)
-    assert storescu(node, path, studies[4]["image"]).returncode == 0
+    # Well-formed DICOM (received and kept as sent) whose JPEG 2000 stream is not an image.
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream" * 10])
+    broken["PixelData"].VR = "OB"
+    broken["PixelData"].is_undefined_length = True
+    broken.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ae = AE("PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, [JPEG2000Lossless])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert assoc.send_c_store(broken).Status == Status.SUCCESS
+    assoc.release()
+    assert storescu(node, studies[4]["image"]).returncode == 0
     wait_until(lambda: not node.catalog.pending_images(1) and len(node.index) == 1, 120, "the good image indexed")
     with node.catalog.session() as session:
         failed = session.query(Instance).filter_by(sop_uid=str(broken.SOPInstanceUID)).one()
