@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from dicom_node.errors import NodeError
+from indexer.durable import fsync_directory
 
 # Digits and dots, no empty component, at most 64 characters: nothing that can climb out of a folder.
 # (Leading zeros, which PS3.5 forbids, are still accepted: real archives have them and they are path-safe.)
@@ -23,13 +24,6 @@ def check_uid(value: object, name: str) -> str:
         raise NodeError(f"{name} is not a valid UID ({len(text)} characters, must be digits and dots, <= 64)")
     return text
 
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileStore:

@@ -18,6 +18,7 @@ import hnswlib
 import numpy as np
 
 from indexer.catalog import Catalog
+from indexer.durable import fsync_directory
 from indexer.errors import IndexerError
 
 LOG = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ class HnswParams:
     ef_construction: int = 200
     ef_search: int = 128
 
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VectorIndex:
@@ -112,7 +106,7 @@ class VectorIndex:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_pointer, self.directory / POINTER)
-        fsync_dir(self.directory)
+        fsync_directory(self.directory)
         for old in self.directory.glob("hnsw-*.bin"):
             if old.name != name:
                 old.unlink(missing_ok=True)
