@@ -20,7 +20,6 @@ class Status(enum.IntEnum):
     UNKNOWN_STUDY = 0xC101  # similar-case query names a study this node does not hold
     STUDY_NOT_INDEXED = 0xC102  # the study is held but has no vector yet
     MOVE_DESTINATION_UNKNOWN = 0xA801
-    SUB_OPERATIONS_WARNING = 0xB000
 
 
 # Association rejection (PS3.8 9.3.4): (result, source, diagnostic)

@@ -34,12 +34,6 @@ class JobScheduler:
         self._scheduler.add_job(func, "interval", seconds=interval_s, id=name, name=name,
                                 next_run_time=datetime.now(timezone.utc))
 
-    def wake(self, name: str) -> None:
-        """Run ``name`` as soon as possible (it is coalesced with a run already due)."""
-        job = self._scheduler.get_job(name)
-        if job is not None:
-            job.modify(next_run_time=datetime.now(timezone.utc))
-
     def start(self) -> None:
         self._scheduler.start()
 

@@ -68,13 +68,6 @@ class VectorIndex:
             if seq is not None:
                 self.seq = max(self.seq, seq)
 
-    def vector(self, label: int) -> np.ndarray | None:
-        with self._lock:
-            try:
-                return np.asarray(self._index.get_items([label])[0], dtype=np.float32)
-            except RuntimeError:
-                return None
-
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest labels and their cosine similarities, best first."""
         with self._lock:
