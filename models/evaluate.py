@@ -184,7 +184,7 @@ def write_outputs(
     for method in methods:
         axis.plot(range(len(names)), [results[method][n] for n in names], marker="o", label=method)
     axis.set_xticks(range(len(names)), [n.split("@")[1] for n in names])
-    axis.set(xlabel="k", ylabel="mAP@k", title="Retrieval mAP@k (held-out patients)")
+    axis.set(xlabel="k", ylabel="mAP@k", ylim=(0, 1), title="Retrieval mAP@k (held-out patients)")
     axis.legend()
     _save(figure, out_dir / "map_at_k.png")
 
@@ -196,7 +196,7 @@ def write_outputs(
         heights = [per_class[c] or 0.0 for c in OBSERVATIONS]
         axis.bar(np.arange(len(OBSERVATIONS)) + i * width, heights, width, label=method)
     axis.set_xticks(np.arange(len(OBSERVATIONS)) + 0.4 - width / 2, OBSERVATIONS, rotation=45, ha="right")
-    axis.set(ylabel="AP@10", title="AP@10 per class (0 where no test query has the class)")
+    axis.set(ylabel="AP@10", ylim=(0, 1), title="AP@10 per class (0 where no test query has the class)")
     axis.legend()
     _save(figure, out_dir / "ap10_per_class.png")
 
