@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 def sender_ae() -> AE:
     ae = AE("LOADTEST")
+    ae.dimse_timeout = 300  # a loaded 2-core machine may take long to answer; slow is not lost
     ae.add_requested_context(DigitalXRayImageStorageForPresentation)
     ae.add_requested_context(Verification)
     return ae
