@@ -127,6 +127,24 @@ class QuerySettings(_Section):
         return self
 
 
+class Hl7Settings(_Section):
+    """The MLLP listener for HL7 v2 ORU^R01 reports from the RIS."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: Port = 2575
+    accession_field: Literal["OBR-3", "OBR-18"] = "OBR-3"  # where the RIS puts the Accession Number
+    max_message_kb: Annotated[int, Field(ge=1, le=65536)] = 1024
+
+
+class MetricsSettings(_Section):
+    """The HTTP port with /health and /metrics (Prometheus text)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9108
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_phi: bool = False
@@ -152,6 +170,8 @@ class Settings(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     model: ModelSettings = ModelSettings()
     query: QuerySettings = QuerySettings()
+    hl7: Hl7Settings = Hl7Settings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @property

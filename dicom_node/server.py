@@ -21,6 +21,7 @@ from dicom_node.handlers import (
     handle_requested,
     handle_store,
 )
+from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
@@ -106,6 +107,7 @@ class Node:
         self.watchdog = AssociationWatchdog(settings.node.message_timeout_s)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self.hl7: Hl7Listener | None = None
         self._stop_lock = threading.Lock()
 
     @property
@@ -127,6 +129,9 @@ class Node:
         node = self.settings.node
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
+        if self.settings.hl7.enabled:
+            self.hl7 = Hl7Listener(self.settings.hl7, self.catalog, node.network_timeout_s)
+            self.hl7.start()
         self.scheduler.add("embed", self.job.run, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
         self.scheduler.add("watchdog", self.watchdog.sweep, min(5.0, node.message_timeout_s / 4))
@@ -145,6 +150,9 @@ class Node:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
+            if self.hl7 is not None:
+                self.hl7.stop()
+                self.hl7 = None
             self.scheduler.shutdown()
             self.job.close()
             self.snapshot()
