@@ -45,6 +45,14 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from dicom_node.glance import status_lines
+
+    lines = status_lines(load_settings(args.config))
+    print("\n".join(lines))
+    return 0 if "health: ok" in lines[1] else 1
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     parser = argparse.ArgumentParser(prog="mmdl-node", description="MMDL similar-case DICOM node")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +60,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     serve = commands.add_parser("serve", help="run the node")
     serve.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
     serve.set_defaults(func=_serve)
+
+    status = commands.add_parser("status", help="health and metrics at a glance (from the running node, or its catalog)")
+    status.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
+    status.set_defaults(func=_status)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import hl7
 
 from config.settings import Hl7Settings
+from dicom_node.errors import NodeError
 from dicom_node.storage import check_uid
 from indexer.catalog import Catalog, ReportAttrs, ReportOutcome
 
@@ -31,7 +32,7 @@ WANTED_WORDS = ("finding", "impression", "conclusion")
 STUDY_UID_CODES = {"113014", "110180"}  # DCM: "DICOM Study", "Study Instance UID"
 
 
-class Hl7Error(ValueError):
+class Hl7Error(NodeError):
     """A message the node cannot use; ``code`` is the MSA-1 answer (AE: fix the content, AR: rejected)."""
 
     def __init__(self, code: str, reason: str) -> None:
@@ -182,21 +183,21 @@ def _try_parse(text: str) -> hl7.Message | None:
         return None
 
 
-def handle_message(text: str, catalog: Catalog, accession_field: str) -> str:
-    """The whole answer to one message: store its report and ACK, or NAK with the reason."""
+def handle_message(text: str, catalog: Catalog, accession_field: str) -> tuple[str, str]:
+    """The whole answer to one message, (MSA-1 code, ACK text): store its report and ACK, or NAK with the reason."""
     try:
         message, oru = parse_oru(text, accession_field)
     except Hl7Error as error:
         LOG.warning("HL7 message refused with %s: %s", error.code, error.reason)
-        return acknowledgement(_try_parse(text), error.code, error.reason)
+        return error.code, acknowledgement(_try_parse(text), error.code, error.reason)
     try:
         outcome = catalog.add_report(oru.study_uid, oru.accession_number, f"hl7:{oru.control_id}",
                                      ReportAttrs(text=oru.text, report_time=oru.report_time, source="hl7"))
     except Exception as error:  # the catalog failed: the sender should try again later
         LOG.error("HL7 message %s not stored: %s", oru.control_id, type(error).__name__)
-        return acknowledgement(message, "AR", f"cannot store the report now ({type(error).__name__})")
+        return "AR", acknowledgement(message, "AR", f"cannot store the report now ({type(error).__name__})")
     LOG.info("HL7 report %s for study %s: %s", oru.control_id, oru.study_uid or "(by accession)", outcome.value)
-    return acknowledgement(message, "AA")
+    return "AA", acknowledgement(message, "AA")
 
 
 def _decode(data: bytes) -> str:
@@ -226,7 +227,7 @@ class _MllpHandler(socketserver.BaseRequestHandler):
                 frame, buffer = buffer.split(END_BLOCK, 1)
                 start = frame.find(START_BLOCK)
                 answer = self.server.answer(_decode(frame[start + 1:])) if start >= 0 else \
-                    acknowledgement(None, "AR", "MLLP frame without start block")
+                    self.server.answer("")
                 sock.sendall(START_BLOCK + answer.encode("utf-8") + END_BLOCK)
             if len(buffer) > self.server.max_bytes:
                 LOG.warning("MLLP connection from %s closed: message over %d bytes", self.client_address[0],
@@ -251,10 +252,14 @@ class MllpServer(socketserver.ThreadingTCPServer):
 class Hl7Listener:
     """Starts and stops the MLLP server in a thread."""
 
-    def __init__(self, settings: Hl7Settings, catalog: Catalog, timeout_s: float) -> None:
-        self.server = MllpServer((settings.host, settings.port),
-                                 lambda text: handle_message(text, catalog, settings.accession_field),
-                                 settings.max_message_kb * 1024, timeout_s)
+    def __init__(self, settings: Hl7Settings, catalog: Catalog, timeout_s: float,
+                 count: Callable[[str], None] = lambda code: None) -> None:
+        def answer(text: str) -> str:
+            code, ack = handle_message(text, catalog, settings.accession_field)
+            count(code)
+            return ack
+
+        self.server = MllpServer((settings.host, settings.port), answer, settings.max_message_kb * 1024, timeout_s)
         self._thread = threading.Thread(target=self.server.serve_forever, name="mllp", daemon=True)
 
     @property

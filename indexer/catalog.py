@@ -122,6 +122,15 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def reachable(self) -> bool:
+        """Whether the database answers a trivial query (for the health check)."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:  # any driver error means: not reachable now
+            return False
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A read session for queries built elsewhere (C-FIND matching)."""
