@@ -49,7 +49,7 @@ def check_pixel_data(ds: Dataset, encoded: bytes) -> None:
         return
     try:
         expected = get_expected_length(ds)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError, NotImplementedError) as error:
         raise NodeError(f"pixel data without valid image attributes ({error})") from None
     actual = len(element.value or b"")
     if actual < expected:

@@ -227,6 +227,14 @@ class Catalog:
         if held:
             session.execute(delete(HeldReport).where(HeldReport.id.in_([row.id for row in held])))
 
+    def study_instance_count(self, study_uid: str) -> int:
+        """How many instances of the study the node holds (0 when none)."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.count()).select_from(Instance).join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id).where(Study.study_uid == study_uid)
+            ) or 0
+
     def held_report_count(self) -> int:
         with self._sessions() as session:
             return session.scalar(select(func.count()).select_from(HeldReport)) or 0
