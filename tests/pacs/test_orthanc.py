@@ -73,11 +73,12 @@ def test_orthanc_routes_queries_and_retrieves(pacs: tuple[Node, OrthancProcess, 
     assert [d.split(" ")[0] for d in descriptions] == ["#1", "#2"]  # ranked, best first
 
     # the best match leaves Orthanc, then Orthanc's retrieve (C-MOVE to itself) brings it back from the node
-    best = client.post_tools_lookup(uids[0])[0]["ID"]
-    client.delete_studies_id(best)
-    assert uids[0] not in [client.get_studies_id(s)["MainDicomTags"]["StudyInstanceUID"] for s in client.get_studies()]
+    def orthanc_ids(study_uid: str) -> list[str]:
+        return client.post_tools_find(json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+
+    client.delete_studies_id(orthanc_ids(uids[0])[0])
+    assert orthanc_ids(uids[0]) == []
     client.post_queries_id_answers_index_retrieve(query["ID"], "0", json={"TargetAet": "ORTHANC",
                                                                            "Synchronous": True})
-    back = client.post_tools_lookup(uids[0])
-    assert back and back[0]["Type"] == "Study"
-    assert len(client.get_studies_id_instances(back[0]["ID"])) == 2
+    back = orthanc_ids(uids[0])
+    assert len(back) == 1 and len(client.get_studies_id_instances(back[0])) == 2
