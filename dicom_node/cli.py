@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
 import threading
@@ -62,6 +63,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     configure_logging(settings.logging)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per REST call otherwise
     filters = Filters(args.date_from or "", args.date_to or "", tuple(args.modality or settings.backfill.modalities))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

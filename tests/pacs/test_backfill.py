@@ -3,6 +3,7 @@ crawls Orthanc's REST API, then any PACS over DIMSE (Orthanc's DICOM port), inde
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -65,10 +66,27 @@ modalities = ["DX"]
 studies_per_s = 50
 concurrency = 2
 """)
+        # a slow run (1 study/s) stopped with Ctrl-C after its first study, then resumed
+        config.write_text(config.read_text().replace("studies_per_s = 50", "studies_per_s = 1"))
+        slow = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "backfill", "--config", str(config),
+                                 "--from", "20240101"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        assert slow.stderr is not None
+        progress_line = ""
+        while not progress_line.startswith("backfill:"):  # printed as studies complete (at most once a second)
+            progress_line = slow.stderr.readline()
+            assert progress_line, "backfill ended before any progress"
+        assert re.search(r"backfill: \d/5 studies .* studies/s, ETA", progress_line), progress_line
+        slow.send_signal(signal.SIGINT)
+        out, _ = slow.communicate(timeout=120)
+        assert slow.returncode == 1 and "(stopped: run again to resume)" in out
+        done_before = sum(node.catalog.study_instance_count(uid) == 2 for uid in recent)
+        assert 1 <= done_before < 5
+
+        config.write_text(config.read_text().replace("studies_per_s = 1", "studies_per_s = 50"))
         first = backfill(config, "--from", "20240101")
         assert first.returncode == 0, first.stderr
-        assert summary(first) == (5, 5, 5, 0, 0)
-        assert "studies/s, ETA" in first.stderr  # progress while it runs
+        assert summary(first) == (5, 5, 5 - done_before, done_before, 0)  # resumed: nothing sent twice
         assert all(node.catalog.study_instance_count(uid) == 2 for uid in recent)
 
         again = backfill(config, "--from", "20240101")
@@ -81,6 +99,5 @@ concurrency = 2
         assert over_dimse.returncode == 0, over_dimse.stderr
         assert summary(over_dimse) == (6, 6, 1, 5, 0)
         wait_until(lambda: settled(node) == 6, 120, "the six backfilled studies to be indexed")
-        print(first.stdout.strip())
     finally:
         orthanc.stop()
