@@ -20,7 +20,7 @@ import hl7
 from config.settings import Hl7Settings
 from dicom_node.errors import NodeError
 from dicom_node.storage import check_uid
-from indexer.catalog import Catalog, ReportAttrs, ReportOutcome
+from indexer.catalog import Catalog, ReportAttrs
 
 LOG = logging.getLogger(__name__)
 
