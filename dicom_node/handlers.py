@@ -149,14 +149,12 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     try:
         answers = similar_responses(services.catalog, services.index, event.identifier,
                                     services.settings.query, retrieve_ae)
-    except UnknownStudyError as error:
-        yield status(Status.UNKNOWN_STUDY, str(error)), None
-        return
-    except NotIndexedError as error:
-        yield status(Status.STUDY_NOT_INDEXED, str(error)), None
-        return
     except NodeError as error:
-        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        code = (Status.UNKNOWN_STUDY if isinstance(error, UnknownStudyError)
+                else Status.STUDY_NOT_INDEXED if isinstance(error, NotIndexedError)
+                else Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
+        services.metrics.failed(f"similar_{code.name.lower()}")
+        yield status(code, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
     for answer in answers:

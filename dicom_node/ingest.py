@@ -107,7 +107,7 @@ class Ingestor:
             )
             relative = self.store.relative_path(study_uid, series_uid, sop_uid)
             study, series = study_attrs(ds), series_attrs(ds)
-        except (NodeError, ValueError, TypeError, AttributeError, KeyError) as error:
+        except (NodeError, ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as error:
             return IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error))
         if report is not None and not report.text:
             report = None  # an SR without any text is kept and retrievable, but there is nothing to embed

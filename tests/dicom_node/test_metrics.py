@@ -63,6 +63,8 @@ def test_health_metrics_and_status(start_node: Callable[..., Node], tmp_path: Pa
     found = dcmtk("findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "-k", "QueryRetrieveLevel=STUDY",
                   "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", node.port)
     assert found.returncode == 0, found.stderr
+    dcmtk("findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "-k", "QueryRetrieveLevel=STUDY",
+          "-k", "StudyInstanceUID=1.2.3.404", "127.0.0.1", node.port)
 
     values = samples(http_port)
     with node.catalog.session() as session:
@@ -74,7 +76,8 @@ def test_health_metrics_and_status(start_node: Callable[..., Node], tmp_path: Pa
     assert values[("mmdl_pending", (("kind", "image"),))] == 0
     assert values[("mmdl_failures_total", (("reason", "hl7_ar"),))] == 1
     assert values[("mmdl_hl7_messages_total", (("ack", "AA"),))] == 1
-    assert values[("mmdl_query_seconds_count", (("kind", "similar"),))] == 1
+    assert values[("mmdl_query_seconds_count", (("kind", "similar"),))] == 2
+    assert values[("mmdl_failures_total", (("reason", "similar_unknown_study"),))] == 1
     text = get(f"http://127.0.0.1:{http_port}/metrics")[1].decode()
     assert "SECRET" not in text and "Secret" not in text  # no patient IDs, accession numbers or report text
 

@@ -59,7 +59,8 @@ def test_orthanc_routes_queries_and_retrieves(pacs: tuple[Node, OrthancProcess, 
                  *[f for _, files in studies for f in files])
     assert sent.returncode == 0, sent.stderr
     wait_until(lambda: settled(node) == 3, 120, "Orthanc to forward the three studies and the node to index them")
-    assert node.metrics.received.labels("ORTHANC")._value.get() == 6  # Orthanc's own AE title as the caller
+    # Orthanc calls with its own AE title
+    assert node.metrics.registry.get_sample_value("mmdl_received_instances_total", {"calling_ae": "ORTHANC"}) == 6
 
     query_uid = studies[0][0]
     query = client.post_modalities_id_query("mmdl-similar", json={
