@@ -127,6 +127,44 @@ class QuerySettings(_Section):
         return self
 
 
+class Hl7Settings(_Section):
+    """The MLLP listener for HL7 v2 ORU^R01 reports from the RIS."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: Port = 2575
+    accession_field: Literal["OBR-3", "OBR-18"] = "OBR-3"  # where the RIS puts the Accession Number
+    max_message_kb: Annotated[int, Field(ge=1, le=65536)] = 1024
+
+
+class MetricsSettings(_Section):
+    """The HTTP port with /health and /metrics (Prometheus text)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9108
+
+
+class BackfillSettings(_Section):
+    """`mmdl-node backfill`: where the archive is, and how gently to crawl it."""
+
+    source: Literal["orthanc", "dimse"] = "orthanc"
+    orthanc_url: str = "http://127.0.0.1:8042"  # Orthanc REST API (source = "orthanc")
+    orthanc_username: str = ""
+    orthanc_password: str = ""
+    orthanc_node_modality: str = "mmdl"  # the node's entry in Orthanc's DicomModalities
+    pacs: Peer | None = None  # source = "dimse": the PACS to C-FIND, which must know the node as a move destination
+    modalities: list[Annotated[str, Field(pattern=r"^[A-Z0-9_]{1,16}$")]] = ["CR", "DX"]
+    studies_per_s: Annotated[float, Field(gt=0, le=1000)] = 2.0
+    concurrency: Annotated[int, Field(ge=1, le=16)] = 2
+
+    @model_validator(mode="after")
+    def _pacs_for_dimse(self) -> BackfillSettings:
+        if self.source == "dimse" and self.pacs is None:
+            raise ValueError("source 'dimse' needs [backfill.pacs] (ae_title, host, port)")
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_phi: bool = False
@@ -152,6 +190,9 @@ class Settings(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     model: ModelSettings = ModelSettings()
     query: QuerySettings = QuerySettings()
+    hl7: Hl7Settings = Hl7Settings()
+    metrics: MetricsSettings = MetricsSettings()
+    backfill: BackfillSettings = BackfillSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -22,12 +23,13 @@ from config.settings import Settings
 from dicom_node.errors import NodeError
 from dicom_node.identifiers import instance_values, response, series_values, study_values
 from dicom_node.ingest import Ingestor
+from dicom_node.metrics import Metrics
 from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
 from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
 from dicom_node.sop_classes import UNCOMPRESSED
 from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
-from indexer.catalog import Catalog
+from indexer.catalog import AddOutcome, Catalog
 from indexer.vector_index import VectorIndex
 
 LOG = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class Services:
     store: FileStore
     ingestor: Ingestor
     index: VectorIndex
+    metrics: Metrics
 
 
 def status(code: Status, comment: str = "") -> Dataset:
@@ -126,15 +129,20 @@ def handle_store(event: Event, services: Services) -> Dataset:
     )
     if result.status is not Status.SUCCESS:
         LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae(event), result.status, result.comment)
+        services.metrics.failed(f"store_{result.status.name.lower()}")
+    elif result.outcome is AddOutcome.STORED:
+        services.metrics.stored(calling_ae(event), result.size)
     return status(result.status, result.comment)
 
 
 def handle_find(event: Event, services: Services) -> Iterator[Answer]:
     """Study Root C-FIND: catalog matching on the node's AE title, similar cases on the similar AE title."""
-    if called_ae(event) == services.settings.node.similar_ae_title:
-        yield from _find_similar(event, services)
-    else:
-        yield from _find_catalog(event, services)
+    similar = called_ae(event) == services.settings.node.similar_ae_title
+    start = time.monotonic()
+    try:
+        yield from (_find_similar(event, services) if similar else _find_catalog(event, services))
+    finally:
+        services.metrics.query_seconds.labels("similar" if similar else "catalog").observe(time.monotonic() - start)
 
 
 def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
@@ -142,14 +150,12 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     try:
         answers = similar_responses(services.catalog, services.index, event.identifier,
                                     services.settings.query, retrieve_ae)
-    except UnknownStudyError as error:
-        yield status(Status.UNKNOWN_STUDY, str(error)), None
-        return
-    except NotIndexedError as error:
-        yield status(Status.STUDY_NOT_INDEXED, str(error)), None
-        return
     except NodeError as error:
-        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        code = (Status.UNKNOWN_STUDY if isinstance(error, UnknownStudyError)
+                else Status.STUDY_NOT_INDEXED if isinstance(error, NotIndexedError)
+                else Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
+        services.metrics.failed(f"similar_{code.name.lower()}")
+        yield status(code, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
     for answer in answers:

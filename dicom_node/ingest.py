@@ -28,6 +28,7 @@ class IngestResult:
     status: Status
     comment: str = ""
     outcome: AddOutcome | None = None
+    size: int = 0
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
@@ -145,7 +146,7 @@ class Ingestor:
         if outcome is AddOutcome.STORED:
             LOG.info("stored %s instance %s of study %s from %s (%d bytes)", kind.value, sop_uid, study_uid,
                      calling_ae, len(encoded))
-            return IngestResult(Status.SUCCESS, outcome=outcome)
+            return IngestResult(Status.SUCCESS, outcome=outcome, size=len(encoded))
         if outcome is AddOutcome.CONFLICT:
             self.store.remove(relative)
         return self._duplicate(sop_uid, outcome is AddOutcome.DUPLICATE)

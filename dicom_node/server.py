@@ -21,7 +21,9 @@ from dicom_node.handlers import (
     handle_requested,
     handle_store,
 )
+from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
+from dicom_node.metrics import CatalogCollector, Metrics, MetricsServer, health
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
 from dicom_node.watchdog import AssociationWatchdog
@@ -92,7 +94,10 @@ class Node:
         params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
         self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
         self._snapshot_seq = self.index.seq
-        self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index)
+        self.metrics = Metrics()
+        self.metrics.registry.register(CatalogCollector(self.catalog, lambda: len(self.index)))
+        self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index,
+                                 self.metrics)
         self.job = EmbeddingJob(
             self.catalog,
             self.index,
@@ -106,6 +111,8 @@ class Node:
         self.watchdog = AssociationWatchdog(settings.node.message_timeout_s)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self.hl7: Hl7Listener | None = None
+        self.http: MetricsServer | None = None
         self._stop_lock = threading.Lock()
 
     @property
@@ -127,12 +134,33 @@ class Node:
         node = self.settings.node
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
-        self.scheduler.add("embed", self.job.run, self.settings.scheduler.interval_s)
+        if self.settings.hl7.enabled:
+            self.hl7 = Hl7Listener(self.settings.hl7, self.catalog, node.network_timeout_s, self._count_hl7)
+            self.hl7.start()
+        if self.settings.metrics.enabled:
+            self.http = MetricsServer(self.settings.metrics, self.metrics.registry,
+                                      lambda: health(self.dicom_up, self.catalog))
+            self.http.start()
+        self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
         self.scheduler.add("watchdog", self.watchdog.sweep, min(5.0, node.message_timeout_s / 4))
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
                  node.host, self.port, len(self.index))
+
+    def dicom_up(self) -> bool:
+        """Whether the DICOM server is running and its socket open."""
+        server = self._server
+        return server is not None and server.socket.fileno() != -1
+
+    def embed(self) -> None:
+        """One embedding round, counted in the metrics."""
+        self.metrics.embedding_round(self.job.run())
+
+    def _count_hl7(self, code: str) -> None:
+        self.metrics.hl7_messages.labels(code).inc()
+        if code != "AA":
+            self.metrics.failed(f"hl7_{code.lower()}")
 
     def snapshot(self) -> None:
         """Snapshot the index when it changed since the last one."""
@@ -145,6 +173,10 @@ class Node:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
+            for listener in (self.hl7, self.http):
+                if listener is not None:
+                    listener.stop()
+            self.hl7 = self.http = None
             self.scheduler.shutdown()
             self.job.close()
             self.snapshot()

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import IndexerError
-from indexer.schema import Base, Instance, Kind, Report, Series, State, Study
+from indexer.schema import Base, HeldReport, Instance, Kind, Report, Series, State, Study
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ class ReportAttrs:
     text: str
     report_time: str
     source: str = "sr"
+
+
+class ReportOutcome(enum.Enum):
+    ATTACHED = "attached"  # joined to its study (current, or kept as an older version)
+    HELD = "held"  # its study is not here yet: kept, joined when the study arrives
+    DUPLICATE = "duplicate"  # the same source id was received before: nothing changed
 
 
 class AddOutcome(enum.Enum):
@@ -116,6 +122,15 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def reachable(self) -> bool:
+        """Whether the database answers a trivial query (for the health check)."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:  # any driver error means: not reachable now
+            return False
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A read session for queries built elsewhere (C-FIND matching)."""
@@ -143,7 +158,10 @@ class Catalog:
         """Record a stored instance (and the report it carries) in one transaction."""
         try:
             with self._sessions.begin() as session:
-                study_row = self._get_or_create(session, Study, "study_uid", asdict(study))
+                study_row = session.scalar(select(Study).where(Study.study_uid == study.study_uid))
+                if study_row is None:
+                    study_row = self._get_or_create(session, Study, "study_uid", asdict(study))
+                    self._attach_held(session, study_row)
                 series_row = self._get_or_create(
                     session, Series, "series_uid", {**asdict(series), "study_pk": study_row.id}
                 )
@@ -172,6 +190,54 @@ class Catalog:
             session.add(row)
             session.flush()
         return row
+
+    def add_report(self, study_uid: str, accession_number: str, source_uid: str, report: ReportAttrs) -> ReportOutcome:
+        """Join a report (e.g. from HL7) to the study named by UID, else by accession number; hold it if absent."""
+        if not (study_uid or accession_number):
+            raise ValueError("a report needs a Study Instance UID or an Accession Number")
+        try:
+            with self._sessions.begin() as session:
+                for model in (Report, HeldReport):
+                    if session.scalar(select(model.id).where(model.source_uid == source_uid)) is not None:
+                        return ReportOutcome.DUPLICATE
+                if study_uid:
+                    study_pk = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+                else:
+                    study_pk = session.scalar(select(Study.id).where(Study.accession_number == accession_number)
+                                              .order_by(Study.id.desc()).limit(1))
+                if study_pk is None:
+                    session.add(HeldReport(source_uid=source_uid, source=report.source, study_uid=study_uid,
+                                           accession_number=accession_number, report_time=report.report_time,
+                                           text=report.text))
+                    return ReportOutcome.HELD
+                self._add_report(session, study_pk, source_uid, report)
+        except IntegrityError:  # the same source id committed by another connection meanwhile
+            return ReportOutcome.DUPLICATE
+        return ReportOutcome.ATTACHED
+
+    def _attach_held(self, session: Session, study: Study) -> None:
+        """Move the held reports naming this new study (by UID, or by accession number without a UID) to it."""
+        names_it = HeldReport.study_uid == study.study_uid
+        if study.accession_number:
+            names_it = or_(names_it, (HeldReport.study_uid == "") & (HeldReport.accession_number == study.accession_number))
+        held = list(session.scalars(select(HeldReport).where(names_it).order_by(HeldReport.report_time, HeldReport.id)))
+        for row in held:
+            self._add_report(session, study.id, row.source_uid,
+                             ReportAttrs(text=row.text, report_time=row.report_time, source=row.source))
+        if held:
+            session.execute(delete(HeldReport).where(HeldReport.id.in_([row.id for row in held])))
+
+    def study_instance_count(self, study_uid: str) -> int:
+        """How many instances of the study the node holds (0 when none)."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.count()).select_from(Instance).join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id).where(Study.study_uid == study_uid)
+            ) or 0
+
+    def held_report_count(self) -> int:
+        with self._sessions() as session:
+            return session.scalar(select(func.count()).select_from(HeldReport)) or 0
 
     @staticmethod
     def _add_report(session: Session, study_pk: int, source_uid: str, report: ReportAttrs) -> None:

@@ -113,3 +113,18 @@ class Report(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HeldReport(Base):
+    """A report whose study has not arrived yet; moved into ``reports`` when a study it names is stored."""
+
+    __tablename__ = "held_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    source: Mapped[str] = mapped_column(String(8))
+    study_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    report_time: Mapped[str] = mapped_column(String(32), default="")
+    text: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -101,3 +101,20 @@ def test_config_check_command(tmp_path: Path) -> None:
     bad = run_cli("config", "check", str(write(tmp_path, "[node]\nport = -1\n[scheduler]\nbatch_size = 0\n")))
     assert bad.returncode == 2
     assert "node.port:" in bad.stderr and "scheduler.batch_size:" in bad.stderr
+
+
+def test_hl7_metrics_and_backfill_sections(tmp_path: Path) -> None:
+    settings = load_settings(None)
+    assert (settings.hl7.enabled, settings.hl7.port, settings.hl7.accession_field) == (False, 2575, "OBR-3")
+    assert (settings.metrics.enabled, settings.metrics.port) == (False, 9108)
+    assert (settings.backfill.source, settings.backfill.modalities) == ("orthanc", ["CR", "DX"])
+    bad = write(tmp_path, '[hl7]\naccession_field = "OBR-4"\nport = 0\n[backfill]\nsource = "dimse"\n'
+                          'modalities = ["dx"]\nconcurrency = 0\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(bad)
+    problems = "\n".join(caught.value.problems)
+    for key in ("hl7.accession_field", "hl7.port", "backfill.modalities[0]", "backfill.concurrency"):
+        assert key in problems, problems
+    pacs = write(tmp_path, '[backfill]\nsource = "dimse"\n')
+    with pytest.raises(ConfigError, match=r"needs \[backfill.pacs\]"):
+        load_settings(pacs)

@@ -1,0 +1,145 @@
+"""HL7 v2 ORU^R01 over MLLP, sent with the `hl7` package's real `mllp_send` tool and its MLLPClient."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hl7.client import MLLPClient
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_node.server import Node
+from indexer.schema import Report, State, Study
+from tests.dicom_node.builders import dx_synthetic, save
+from tests.helpers import dcmtk, free_port, wait_until
+
+MLLP_SEND = Path(sys.executable).parent / "mllp_send"
+SB, EB = b"\x0b", b"\x1c\x0d"
+
+
+def oru(control_id: str, accession: str = "", study_uid: str = "", findings: str = "Lungs are clear.",
+        impression: str = "No acute disease.", report_time: str = "20240105120000", kind: str = "ORU^R01") -> str:
+    segments = [
+        f"MSH|^~\\&|RIS|HOSP|MMDL|HOSP|{report_time}||{kind}|{control_id}|P|2.5",
+        "PID|1||PAT-HL7||Doe^Jane",
+        f"OBR|1||{accession}|71045^XR CHEST 2 VIEWS^CPT|||20240105100000|||||||||||||||{report_time}|||F",
+    ]
+    if study_uid:
+        segments.append(f"ZDS|{study_uid}^RIS^Application^DICOM")
+    segments += [
+        "OBX|1|TX|11329-0^History^LN||Cough for two weeks.||||||F",
+        f"OBX|2|TX|59776-5^Findings^LN||{findings}||||||F",
+        f"OBX|3|TX|19005-8^Impression^LN||{impression}||||||F",
+    ]
+    return "\r".join(segments) + "\r"
+
+
+def mllp_send(port: int, *messages: str, folder: Path) -> list[tuple[str, str]]:
+    """Send with the `mllp_send` command line tool; (MSA-1, MSA-3) of each answer."""
+    path = folder / f"batch-{free_port()}.hl7"
+    path.write_bytes(b"".join(SB + m.encode() + EB for m in messages))
+    result = subprocess.run([str(MLLP_SEND), "-p", str(port), "-f", str(path), "127.0.0.1"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answers = [a for a in result.stdout.split(EB) if a.strip(b"\n")]
+    return [msa(a.strip(b"\n").lstrip(SB).decode()) for a in answers]
+
+
+def msa(ack: str) -> tuple[str, str]:
+    segment = next(s for s in ack.split("\r") if s.startswith("MSA|"))
+    fields = segment.split("|") + ["", ""]
+    return fields[1], fields[3]
+
+
+@pytest.fixture()
+def node(start_node: Callable[..., Node]) -> Node:
+    return start_node(hl7={"enabled": True, "host": "127.0.0.1", "port": free_port(), "max_message_kb": 64})
+
+
+def storescu(node: Node, folder: Path, study_uid: str, accession: str) -> None:
+    path = save(dx_synthetic(study_uid, "PAT-HL7", accession, size=64), folder)
+    result = dcmtk("storescu", "-aet", "PACS", "-aec", "MMDL_NODE", "127.0.0.1", node.port, path)
+    assert result.returncode == 0, result.stderr
+
+
+def reports(node: Node) -> list[tuple[str, bool, State]]:
+    with node.catalog.session() as session:
+        return [(r.source_uid, r.current, r.state) for r in session.scalars(select(Report).order_by(Report.id))]
+
+
+def study_seq(node: Node, study_uid: str) -> int:
+    with node.catalog.session() as session:
+        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+        return -1 if study is None or study.dirty or study.vector is None else int(study.index_seq or 0)
+
+
+def test_report_before_its_study_is_held_joined_embedded_and_replaced_by_a_newer_one(
+        node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    study_uid, accession = generate_uid(), "HL7ACC1"
+    assert node.hl7 is not None
+    assert mllp_send(node.hl7.port, oru("MSG1", accession=accession), folder=tmp_path) == [("AA", "")]
+    assert node.catalog.held_report_count() == 1 and reports(node) == []
+
+    storescu(node, tmp_path, study_uid, accession)
+    assert node.catalog.held_report_count() == 0
+    wait_until(lambda: reports(node) == [("hl7:MSG1", True, State.INDEXED)] and study_seq(node, study_uid) > 0,
+               120, "the held report to join its study and be embedded")
+    first = study_seq(node, study_uid)
+
+    amended = oru("MSG2", study_uid=study_uid, impression="Small left effusion.", report_time="20240105130000")
+    assert mllp_send(node.hl7.port, amended, folder=tmp_path) == [("AA", "")]
+    wait_until(lambda: reports(node) == [("hl7:MSG1", False, State.INDEXED), ("hl7:MSG2", True, State.INDEXED)]
+               and study_seq(node, study_uid) > first, 120, "the amended report to replace the first")
+    with node.catalog.session() as session:
+        current = session.scalar(select(Report).where(Report.current.is_(True)))
+        assert current.text == "Lungs are clear.\nSmall left effusion."  # findings + impression, not history
+    # an older report arriving late is kept but does not become current
+    late = oru("MSG0", study_uid=study_uid, report_time="20240105110000")
+    assert mllp_send(node.hl7.port, late, folder=tmp_path) == [("AA", "")]
+    assert reports(node)[-1] == ("hl7:MSG0", False, State.SKIPPED)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "effusion" not in logged and "Doe" not in logged and "PAT-HL7" not in logged
+
+
+def test_malformed_messages_get_a_nak_with_the_reason(node: Node, tmp_path: Path) -> None:
+    assert node.hl7 is not None
+    answers = mllp_send(
+        node.hl7.port,
+        "this is not hl7",
+        oru("B1", accession="A", kind="ADT^A01"),
+        oru("", accession="A"),
+        "MSH|^~\\&|RIS|HOSP|MMDL|HOSP|20240105||ORU^R01|B3|P|2.5\rPID|1||X\r",
+        oru("B4"),
+        oru("B5", study_uid="1.2.abc"),
+        oru("B6", accession="A", findings="", impression="").replace("Cough for two weeks.", ""),
+        oru("B7", accession="A"),
+        oru("B7", accession="A"),  # resent: acknowledged, nothing changes
+        folder=tmp_path,
+    )
+    assert [code for code, _ in answers] == ["AR", "AR", "AR", "AE", "AE", "AE", "AE", "AA", "AA"]
+    reasons = [reason for _, reason in answers]
+    assert "not an HL7 v2 message" in reasons[0]
+    assert "unsupported message type ADT\\S\\A01" in reasons[1]  # HL7-escaped ^
+    assert "MSH-10" in reasons[2]
+    assert "no OBR segment" in reasons[3]
+    assert "neither a Study Instance UID" in reasons[4]
+    assert "not a valid UID" in reasons[5]
+    assert "no report text" in reasons[6]
+    assert node.catalog.held_report_count() == 1
+
+
+def test_oversized_and_unframed_input(node: Node) -> None:
+    assert node.hl7 is not None
+    with MLLPClient("127.0.0.1", node.hl7.port) as client:
+        answer = client.send(b"MSH|no start block" + EB)
+        assert msa(answer.strip(SB + EB).decode()) == ("AR", "not an HL7 v2 message (no parsable MSH segment)")
+        client.socket.sendall(SB + b"MSH|" + b"x" * (70 * 1024))  # over max_message_kb, never terminated
+        client.socket.settimeout(30)
+        assert client.socket.recv(100) == b""  # the node closed the connection
+    with MLLPClient("127.0.0.1", node.hl7.port) as client:  # and still serves others
+        assert msa(client.send_message(oru("C1", accession="Z")).strip(SB + EB).decode())[0] == "AA"
