@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from models.bundle import MMDLModel
@@ -68,13 +67,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"mAP@10 on {next(iter(results.values()))['queries']} test queries: {summary}; written to {args.out}")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `python -m models.commands.evaluate`."""
-    parser = argparse.ArgumentParser(prog="mmdl-node evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

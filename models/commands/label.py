@@ -85,13 +85,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmdl-node label: {bad} bad line(s) skipped", file=sys.stderr)
     return 1 if bad else 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `python -m models.commands.label`."""
-    parser = argparse.ArgumentParser(prog="mmdl-node label", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from collections.abc import Sequence
 
 from models.datasets import read_chexpert, read_covid, read_iu_reports, read_mimic, read_nih, write_manifest
 from models.errors import ModelError
@@ -69,13 +68,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {len(samples)} samples ({summary}) to {args.out}")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `python -m models.commands.manifest`."""
-    parser = argparse.ArgumentParser(prog="mmdl-node manifest", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,7 +16,6 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -120,13 +119,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved model {model.version} to {args.out} ({len(train)} samples, {len(test)} held out)")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `python -m models.commands.train`."""
-    parser = argparse.ArgumentParser(prog="mmdl-node train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

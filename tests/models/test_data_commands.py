@@ -1,4 +1,4 @@
-"""`mmdl-node label` and `mmdl-node manifest` through run(args), and label through `python -m`."""
+"""`mmdl-node label` and `mmdl-node manifest` through run(args), and label through the `mmdl-node` entry point as a subprocess."""
 from __future__ import annotations
 
 import argparse
@@ -72,10 +72,10 @@ def test_label_all_good_and_missing_file(tmp_path: Path, capsys: pytest.CaptureF
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_label_as_module_from_stdin() -> None:
+def test_label_command_from_stdin() -> None:
     line = json.dumps({"id": "x", "text": "Moderate cardiomegaly. No edema."}) + "\n"
     done = subprocess.run(
-        [sys.executable, "-m", "models.commands.label", "-"],
+        [sys.executable, "-m", "dicom_node.cli", "label", "-"],
         input=line, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,6 @@
 """Backbone fine-tuning (a few steps on tiny images) and feature extraction."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,6 @@ from models.scda import crop, scda_box
 
 PRE = Preprocessing(size=64)
 TINY = Preprocessing(size=32)  # DenseNet121 at 32 px: enough to train a few steps quickly
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors run faster on one thread, above all on a busy shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def toy_set(n: int) -> tuple[list[np.ndarray], np.ndarray]:

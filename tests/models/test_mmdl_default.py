@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
 from models.evaluate import MAIN_METHODS
@@ -19,15 +18,6 @@ LICENCE_FILES = (
     "covid-chestxray_SOURCE_README.md",
     "iu-reports_LICENSE_NOTE.txt",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """DenseNet on a shared 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.bundle import MMDLModel
@@ -63,15 +62,6 @@ def _parse(module: object, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)  # type: ignore[attr-defined]
     return parser.parse_args(argv)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """DenseNet on a shared 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
