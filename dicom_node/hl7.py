@@ -190,6 +190,10 @@ def handle_message(text: str, catalog: Catalog, accession_field: str) -> tuple[s
     except Hl7Error as error:
         LOG.warning("HL7 message refused with %s: %s", error.code, error.reason)
         return error.code, acknowledgement(_try_parse(text), error.code, error.reason)
+    except Exception as error:  # the hl7 library can fail in many ways on hostile input
+        reason = f"the message cannot be parsed ({type(error).__name__})"
+        LOG.warning("HL7 message refused with AR: %s", reason)
+        return "AR", acknowledgement(_try_parse(text), "AR", reason)
     try:
         outcome = catalog.add_report(oru.study_uid, oru.accession_number, f"hl7:{oru.control_id}",
                                      ReportAttrs(text=oru.text, report_time=oru.report_time, source="hl7"))

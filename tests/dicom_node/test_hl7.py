@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import hl7
 import pytest
 from hl7.client import MLLPClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -143,3 +147,31 @@ def test_oversized_and_unframed_input(node: Node) -> None:
         assert client.socket.recv(100) == b""  # the node closed the connection
     with MLLPClient("127.0.0.1", node.hl7.port) as client:  # and still serves others
         assert msa(client.send_message(oru("C1", accession="Z")).strip(SB + EB).decode())[0] == "AA"
+
+
+HL7_ALPHABET = "|^~\\&\r MSHPIDOBRXZDSORU01AEadt.0123456789"
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "60"))
+
+
+@pytest.fixture(scope="module")
+def hl7_node(tmp_path_factory: pytest.TempPathFactory, random_model_dir: Path) -> Iterator[Node]:
+    from tests.dicom_node.conftest import node_settings
+
+    node = Node(node_settings(tmp_path_factory.mktemp("hl7fuzz"), random_model_dir,
+                              hl7={"enabled": True, "host": "127.0.0.1", "port": free_port(), "max_message_kb": 64}))
+    node.start()
+    yield node
+    node.stop()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(noise=st.text(alphabet=HL7_ALPHABET, max_size=300), cut=st.integers(min_value=0, max_value=400))
+def test_fuzz_hl7_parser(hl7_node: Node, noise: str, cut: int) -> None:
+    """Random HL7-like text, and real ORU messages with text spliced in: always an ACK, never a crash."""
+    valid = oru(f"FZ{cut}", accession=f"FZ{cut}")
+    spliced = valid[:cut] + noise + valid[cut + len(noise):]
+    assert hl7_node.hl7 is not None
+    with MLLPClient("127.0.0.1", hl7_node.hl7.port) as client:
+        for message in (noise or "x", spliced or "x"):
+            answer = hl7.parse(client.send_message(message).decode("utf-8", errors="replace").strip("\x0b\x1c\r\n"))
+            assert str(answer.segment("MSA")[1]) in ("AA", "AE", "AR")
