@@ -131,7 +131,7 @@ def main() -> int:
     finally:
         for process in (node, scp):
             process.terminate()
-            process.wait(timeout=60)
+            process.wait(timeout=300)
     shutil.rmtree(folder / "files", ignore_errors=True)
 
     rows = []

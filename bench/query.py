@@ -129,7 +129,7 @@ def main() -> int:
         figures.append({**base, "figure": "rss_after_queries_mib", **rss_mib(node.pid), "load": load()})
     finally:
         node.terminate()
-        node.wait(timeout=60)
+        node.wait(timeout=300)
     index_file = next((folder / "data" / "index").glob("hnsw-*.bin"))
     figures.append({**base, "figure": "vectors_plus_graph_mib",
                     "value": round(index_file.stat().st_size / 2**20, 1), "load": load()})
