@@ -58,3 +58,13 @@ def test_refuses_a_catalog_with_real_studies(tmp_path: Path, random_model_dir: P
     catalog.close()
     with pytest.raises(RealStudiesError, match="1 real studies"):
         populate(settings, 10)
+
+
+def test_cli_command_populates_the_configured_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    config = tmp_path / "bench.toml"
+    config.write_text('[node]\ndata_dir = "data"\n')
+    assert main(["bench", "populate", "--config", str(config), "--count", "50", "--clusters", "5"]) == 0
+    assert "50 studies indexed" in capsys.readouterr().out
+    assert (tmp_path / "data" / "index" / "current.json").is_file()
