@@ -18,6 +18,7 @@ DELEGATED = {
     "manifest": ("models.commands.manifest", "build a training manifest (CSV) from public dataset layouts"),
     "train": ("models.commands.train", "train an MMDL model from a manifest"),
     "evaluate": ("models.commands.evaluate", "evaluate retrieval (mAP@k, per-class AP, Acc-k) on a manifest"),
+    "bench": ("indexer.populate", "benchmark tools: populate a data dir with synthetic studies"),
 }
 
 

@@ -1,0 +1,160 @@
+"""Ingest: the same images by dcmtk `storescu` to the node and to dcmtk `storescp`, alternated in one run,
+beside the disk's own rate for writing the same bytes with fsync.
+
+For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and number of parallel
+associations (1, 4), it writes a fresh set of files (new UIDs, same bytes: the node acknowledges a
+UID it already holds without writing it again), then times storescu to the node, storescu to
+storescp, and writing + fsync of the same bytes into the node's data dir's file system. The node
+runs with its embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
+measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over
+rounds) and a Markdown table. Run from the repository root:
+
+    .venv/bin/python -m bench.ingest --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from bench.query import load, machine
+from tests.dicom_node.builders import dx_from_pixels
+from tests.helpers import dcmtk_env, free_port, port_open
+
+SIZES = {"8MB": 2048, "0.5MB": 512}
+
+
+def write_files(folder: Path, side: int, count: int) -> list[Path]:
+    """``count`` DX files of ``side``x``side`` 16-bit noise, each its own study."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(side).integers(0, 4096, size=(side, side), dtype=np.uint16)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:05d}.dcm"
+        dx_from_pixels(pixels, generate_uid(), f"BENCH{i}", f"B{i}").save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, called: str, files: list[Path], parallel: int) -> float:
+    """Seconds for ``parallel`` storescu processes to send ``files`` (split evenly) over loopback."""
+    groups = [files[i::parallel] for i in range(parallel)]
+    start = time.perf_counter()
+    processes = [subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, group)],
+                                  env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for group in groups]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        if process.returncode != 0:
+            raise SystemExit(f"storescu to {called} failed: {err.decode(errors='replace')[-2000:]}")
+    return time.perf_counter() - start
+
+
+def durable_writes(folder: Path, files: list[Path], parallel: int) -> float:
+    """Seconds to write each file's bytes to a new file with fsync (``parallel`` writers)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    payloads = [(folder / f.name, f.read_bytes()) for f in files]
+
+    def write(item: tuple[Path, bytes]) -> None:
+        with item[0].open("wb") as handle:
+            handle.write(item[1])
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(write, payloads))
+    seconds = time.perf_counter() - start
+    shutil.rmtree(folder)
+    return seconds
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not port_open(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.05)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--count-8mb", type=int, default=32)
+    parser.add_argument("--count-small", type=int, default=200)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
+    args = parser.parse_args()
+
+    folder = args.work / "ingest"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "storescp").mkdir(parents=True)
+    node_port, scp_port = free_port(), free_port()
+    (folder / "node.toml").write_text(f'[node]\nhost = "127.0.0.1"\nport = {node_port}\ndata_dir = "data"\n'
+                                      f'[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
+    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(folder / "node.toml")],
+                            stdout=open(folder / "node.log", "wb"), stderr=subprocess.STDOUT)
+    scp = subprocess.Popen(["storescp", "-od", str(folder / "storescp"), str(scp_port)], env=dcmtk_env(),
+                           stdout=open(folder / "storescp.log", "wb"), stderr=subprocess.STDOUT)
+    rates: dict[tuple[str, int, str], list[float]] = {}
+    loads: dict[tuple[str, int], list[str]] = {}
+    try:
+        wait_port(node_port, node, "mmdl-node")
+        wait_port(scp_port, scp, "storescp")
+        for _ in range(args.rounds):
+            for size, side in SIZES.items():
+                count = args.count_8mb if size == "8MB" else args.count_small
+                for parallel in (1, 4):
+                    files = write_files(folder / "files", side, count)
+                    loads.setdefault((size, parallel), []).append(load())
+                    timings = {
+                        "mmdl-node": storescu(node_port, "MMDL_NODE", files, parallel),
+                        "storescp": storescu(scp_port, "STORESCP", files, parallel),
+                        "disk_fsync": durable_writes(folder / "data" / "fsync-bench", files, parallel),
+                    }
+                    shutil.rmtree(folder / "storescp")
+                    (folder / "storescp").mkdir()
+                    for target, seconds in timings.items():
+                        rates.setdefault((size, parallel, target), []).append(count / seconds)
+    finally:
+        for process in (node, scp):
+            process.terminate()
+            process.wait(timeout=300)
+    shutil.rmtree(folder / "files", ignore_errors=True)
+
+    rows = []
+    for size in SIZES:
+        for parallel in (1, 4):
+            median = {t: statistics.median(rates[(size, parallel, t)]) for t in ("mmdl-node", "storescp", "disk_fsync")}
+            figure = {"bench": "ingest", "machine": machine(), "size": size, "associations": parallel,
+                      "rounds": args.rounds, **{f"{t}_per_s": round(v, 1) for t, v in median.items()},
+                      "node_vs_storescp": round(median["mmdl-node"] / median["storescp"], 2),
+                      "node_vs_disk": round(median["mmdl-node"] / median["disk_fsync"], 2),
+                      "all_rounds": {t: [round(r, 1) for r in rates[(size, parallel, t)]] for t in median},
+                      "load_at_round_start": loads[(size, parallel)]}
+            print(json.dumps(figure))
+            rows.append(figure)
+    print(f"\n{machine()}; images/s, median of {args.rounds} rounds\n")
+    print("| size | assocs | mmdl-node | storescp | disk+fsync | node/storescp | node/disk | load at start |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['size']} | {r['associations']} | {r['mmdl-node_per_s']} | {r['storescp_per_s']} | "
+              f"{r['disk_fsync_per_s']} | {r['node_vs_storescp']} | {r['node_vs_disk']} | "
+              f"{'; '.join(r['load_at_round_start'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

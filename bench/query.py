@@ -1,0 +1,189 @@
+"""Similar-case query: C-FIND round trip (a new association per query, as a viewer does), recall@10
+against exact search, and the node's start-up time and memory on a data dir of N synthetic studies.
+
+Populates --work/query-N-mM-efcE with `bench populate` unless it is already there, starts
+`mmdl-node serve` on it, and times --queries similar-case C-FINDs for random studies. Recall@10 compares
+the node's answers with numpy brute force over the catalog's vectors (the query study excluded, as the
+node excludes it). Prints one JSON line per figure and a Markdown table. Run from the repository root:
+
+    .venv/bin/python -m bench.query --count 100000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+from indexer.populate import synthetic_uid
+from tests.helpers import free_port, port_open
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """The process's resident memory now (VmRSS) and at its peak (VmHWM), MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
+
+
+def similar_round_trip(port: int, study_uid: str) -> tuple[float, list[str]]:
+    """Seconds from associate to release for one similar-case C-FIND, and the UIDs it answered."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    query.StudyDescription = ""
+    start = time.perf_counter()
+    ae = AE("BENCH")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MMDL_SIMILAR")
+    uids = [str(i.StudyInstanceUID) for s, i in assoc.send_c_find(query, FIND) if s and s.Status == 0xFF00]
+    assoc.release()
+    return time.perf_counter() - start, uids
+
+
+def exact_top(vectors: np.ndarray, row: int, k: int) -> set[int]:
+    """Rows of the ``k`` most cosine-similar vectors to ``vectors[row]``, itself excluded (unit vectors)."""
+    sims = vectors @ vectors[row]
+    sims[row] = -np.inf
+    return set(np.argpartition(-sims, k)[:k].tolist())
+
+
+def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> dict[str, dict[str, float]]:
+    """In this process, on the same data dir: ms per stage of answering one similar-case query."""
+    from config import load_settings
+    from dicom_node.matching import study_summary
+    from dicom_node.similar import find_similar, hit_identifier, parse_request
+    from indexer.catalog import Catalog
+    from indexer.vector_index import HnswParams, VectorIndex
+    from models.observations import EMBEDDING_DIM
+
+    settings = load_settings(config)
+    catalog = Catalog(settings.catalog_url)
+    index = VectorIndex.open(HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction,
+                                        settings.index.ef_search), settings.node.data_dir / "index", catalog)
+    stages: dict[str, list[float]] = {"hnsw_search": [], "find_similar": [], "study_summary": [], "identifiers": []}
+    for row in picks:
+        request = Dataset()
+        request.QueryRetrieveLevel = "STUDY"
+        request.StudyInstanceUID = synthetic_uid(row + 1)
+        request.StudyDescription = ""
+        t0 = time.perf_counter()
+        index.search(vectors[row], 11)
+        t1 = time.perf_counter()
+        hits = find_similar(catalog, index, parse_request(request, settings.query))
+        t2 = time.perf_counter()
+        with catalog.session() as session:
+            summaries = study_summary(session, [hit.study.id for hit in hits])
+        t3 = time.perf_counter()
+        [hit_identifier(request, hit, summaries.get(hit.study.id), "MMDL_SIMILAR") for hit in hits]
+        t4 = time.perf_counter()
+        for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            stages[name].append(seconds * 1000)
+    catalog.close()
+    return {name: {"p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
+            for name, ms in stages.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=200)
+    parser.add_argument("--ef-search", type=int, default=128)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
+    args = parser.parse_args()
+
+    folder = args.work / f"query-{args.count}-m{args.m}-efc{args.ef_construction}"
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = folder / f"node-ef{args.ef_search}.toml"
+    config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "data"\n'
+                      f'[index]\nm = {args.m}\nef_construction = {args.ef_construction}\nef_search = {args.ef_search}\n'
+                      f'[logging]\nlevel = "WARNING"\n')
+    figures: list[dict[str, object]] = []
+    base = {"machine": machine(), "count": args.count, "m": args.m, "ef_construction": args.ef_construction,
+            "ef_search": args.ef_search}
+    if not (folder / "data" / "index" / "current.json").exists():
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-m", "dicom_node.cli", "bench", "populate", "--config", str(config),
+                        "--count", str(args.count)], check=True)
+        figures.append({**base, "figure": "populate_s", "value": round(time.monotonic() - start, 1), "load": load()})
+
+    database = sqlite3.connect(folder / "data" / "catalog.sqlite3")
+    rows = database.execute("SELECT vector FROM studies WHERE synthetic = 1 ORDER BY id").fetchall()
+    database.close()
+    vectors = np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    del rows
+
+    started = time.monotonic()
+    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            stdout=open(folder / "node.log", "ab"), stderr=subprocess.STDOUT)
+    try:
+        while not port_open(port):
+            if node.poll() is not None or time.monotonic() - started > 600:
+                raise SystemExit(f"the node did not start; see {folder / 'node.log'}")
+            time.sleep(0.02)
+        startup = time.monotonic() - started
+        figures.append({**base, "figure": "startup_s", "value": round(startup, 2), "load": load()})
+        figures.append({**base, "figure": "rss_after_start_mib", **rss_mib(node.pid), "load": load()})
+        rng = np.random.default_rng(1)
+        picks = rng.choice(len(vectors), size=min(args.queries, len(vectors)), replace=False)
+        similar_round_trip(port, synthetic_uid(int(picks[0]) + 1))  # warm-up: first association, page cache
+        times, hits = [], 0
+        load_before = load()
+        for row in picks.tolist():
+            seconds, uids = similar_round_trip(port, synthetic_uid(row + 1))
+            times.append(seconds)
+            answered = {int(u.rsplit(".", 1)[1]) - 1 for u in uids}
+            hits += len(answered & exact_top(vectors, row, 10))
+        ms = np.array(times) * 1000
+        figures.append({**base, "figure": "similar_find_round_trip_ms", "queries": len(times),
+                        "p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+                        "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
+        figures.append({**base, "figure": "recall_at_10", "value": round(hits / (10 * len(picks)), 4),
+                        "queries": len(picks), "load": load()})
+        figures.append({**base, "figure": "rss_after_queries_mib", **rss_mib(node.pid), "load": load()})
+    finally:
+        node.terminate()
+        node.wait(timeout=300)
+    load_before = load()
+    for stage, ms in stage_times(config, vectors, picks.tolist()).items():
+        figures.append({**base, "figure": f"stage_{stage}_ms", "queries": len(picks), **ms,
+                        "load": f"{load_before} -> {load()}"})
+    index_file = next((folder / "data" / "index").glob("hnsw-*.bin"))
+    figures.append({**base, "figure": "vectors_plus_graph_mib",
+                    "value": round(index_file.stat().st_size / 2**20, 1), "load": load()})
+
+    for figure in figures:
+        print(json.dumps(figure))
+    print(f"\n{machine()}; {args.count} studies, M={args.m}, ef_construction={args.ef_construction}, "
+          f"ef_search={args.ef_search}\n")
+    print("| figure | value | load (1/5/15 min) |\n| --- | --- | --- |")
+    for f in figures:
+        value = {k: v for k, v in f.items() if k not in base and k not in ("figure", "load")}
+        print(f"| {f['figure']} | {', '.join(f'{k} {v}' for k, v in value.items())} | {f['load']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

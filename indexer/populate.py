@@ -1,0 +1,110 @@
+"""`mmdl-node bench populate`: fill a data dir's catalog and index with synthetic studies for benchmarks.
+
+The studies are clearly synthetic: ``Study.synthetic`` is true, their UIDs sit under SYNTHETIC_ROOT and
+their model version is "synthetic". A catalog that holds any real study is refused, so benchmark data
+never mixes with patients' studies. Vectors are clustered (unit cluster centres plus Gaussian noise),
+like real embeddings of similar studies, so that the index's recall is measured on a realistic shape.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from sqlalchemy import func, insert, select
+
+from config import load_settings
+from config.settings import Settings
+from indexer.catalog import Catalog, to_blob
+from indexer.errors import IndexerError
+from indexer.schema import Study
+from indexer.vector_index import HnswParams, VectorIndex
+from models.observations import EMBEDDING_DIM, OBSERVATIONS
+
+# 2.25.<UUID as an integer>: a root of our own for synthetic UIDs (UUID generated once for this purpose).
+SYNTHETIC_ROOT = "2.25.166302345186226097417846432612938617621"
+SYNTHETIC_VERSION = "synthetic"
+CHUNK = 20_000
+
+
+class RealStudiesError(IndexerError):
+    def __init__(self, count: int) -> None:
+        super().__init__(f"the catalog holds {count} real studies; synthetic studies go into a data dir of their own")
+
+
+def clustered_vectors(rng: np.random.Generator, count: int, dim: int, clusters: int, noise: float = 0.35) -> np.ndarray:
+    """``count`` unit vectors drawn around ``clusters`` random unit centres (float32)."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors = centres[rng.integers(0, clusters, count)]
+    vectors += rng.standard_normal((count, dim)).astype(np.float32) * (noise / np.sqrt(dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+def synthetic_uid(number: int) -> str:
+    return f"{SYNTHETIC_ROOT}.{number}"
+
+
+def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Add ``count`` synthetic studies to the catalog and index of ``settings``; returns timings (s)."""
+    if count < 1:
+        raise IndexerError(f"count must be at least 1, got {count}")
+    started = time.monotonic()
+    data_dir = settings.node.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog(settings.catalog_url)
+    try:
+        with catalog.session() as session:
+            real = session.scalar(select(func.count()).select_from(Study).where(Study.synthetic.is_(False)))
+            first = (session.scalar(select(func.max(Study.id))) or 0) + 1
+        if real:
+            raise RealStudiesError(real)
+        seq = catalog.max_index_seq() + 1
+        rng = np.random.default_rng(seed + first)
+        for start in range(0, count, CHUNK):
+            n = min(CHUNK, count - start)
+            vectors = clustered_vectors(rng, n, EMBEDDING_DIM, clusters)
+            scores = rng.random((n, len(OBSERVATIONS)), dtype=np.float32)
+            rows = []
+            for i in range(n):
+                pk = first + start + i
+                rows.append({
+                    "id": pk, "study_uid": synthetic_uid(pk), "patient_id": f"SYN{pk % (count // 3 + 1):08d}",
+                    "patient_name": "SYNTHETIC^STUDY", "accession_number": f"SYN{pk:013d}"[-16:],
+                    "study_date": "20200101", "study_description": "synthetic benchmark study",
+                    "vector": to_blob(vectors[i]), "label_scores": to_blob(scores[i]), "index_seq": seq,
+                    "model_version": SYNTHETIC_VERSION, "dirty": False, "synthetic": True,
+                })
+            with catalog.engine.begin() as connection:
+                connection.execute(insert(Study), rows)
+        inserted = time.monotonic()
+        params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
+        index = VectorIndex.open(params, data_dir / "index", catalog)
+        indexed = time.monotonic()
+        index.snapshot()
+        return {"catalog_s": inserted - started, "index_s": indexed - inserted,
+                "snapshot_s": time.monotonic() - indexed, "studies": float(len(index))}
+    finally:
+        catalog.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="bench_command", required=True)
+    fill = commands.add_parser("populate", help="fill the configured data dir with N synthetic studies")
+    fill.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
+    fill.add_argument("--count", type=int, required=True, help="how many synthetic studies to add")
+    fill.add_argument("--clusters", type=int, default=1000, help="clusters the vectors are drawn around")
+    fill.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    try:
+        figures = populate(settings, args.count, args.clusters, args.seed)
+    except IndexerError as error:
+        print(error)
+        return 1
+    print(f"{int(figures['studies'])} studies indexed in {settings.node.data_dir}: catalog "
+          f"{figures['catalog_s']:.1f} s, index {figures['index_s']:.1f} s, snapshot {figures['snapshot_s']:.1f} s")
+    return 0
