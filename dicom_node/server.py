@@ -13,6 +13,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import Settings, TlsSettings
 from dicom_node.handlers import (
+    NO_DELAY,
     Services,
     handle_echo,
     handle_find,
@@ -123,6 +124,7 @@ class Node:
     def start(self) -> None:
         services = self.services
         handlers = [
+            *NO_DELAY,
             (evt.EVT_REQUESTED, handle_requested, [services]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [services]),
