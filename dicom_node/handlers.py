@@ -126,16 +126,18 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, services: Services) -> Dataset:
-    """Write the dataset exactly as received, catalog it, and only then answer success."""
+    """Keep the dataset exactly as received, catalog it, and only then answer success; pynetdicom deletes
+    the received file afterwards unless it was kept."""
+    received = event.dataset_path  # pynetdicom wrote it there as it arrived (chunked receive)
     try:
-        ds = event.dataset
+        ds = dcmread(received)
         ds.walk(lambda *_: None)  # decode every element now, so that a malformed one is refused here
     except Exception as error:  # a malformed encoding can raise many error types inside pydicom
         LOG.warning("C-STORE from %s: dataset cannot be parsed (%s)", calling_ae(event), type(error).__name__)
         return status(Status.CANNOT_UNDERSTAND, "dataset cannot be parsed")
     result = services.ingestor.ingest(
         ds,
-        event.encoded_dataset(include_meta=True),
+        received,
         sop_class_uid=event.context.abstract_syntax,
         transfer_syntax=event.context.transfer_syntax,
         calling_ae=calling_ae(event),

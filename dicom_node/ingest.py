@@ -5,8 +5,10 @@ Used by the C-STORE handler; it never decodes pixel data and never imports torch
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
@@ -38,13 +40,22 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def check_pixel_data(ds: Dataset, encoded: bytes) -> None:
+def _ends_with(path: Path, suffix: bytes) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() < len(suffix):
+            return False
+        handle.seek(-len(suffix), os.SEEK_END)
+        return handle.read() == suffix
+
+
+def check_pixel_data(ds: Dataset, received: Path) -> None:
     """Refuse pixel data cut short in transit: pydicom reads a truncated last element without complaint."""
     if "PixelData" not in ds or "DataSetTrailingPadding" in ds:
         return
     element = ds["PixelData"]
     if element.is_undefined_length:  # encapsulated: the fragments must end with their delimiter
-        if not encoded.endswith(_SEQUENCE_DELIMITER):
+        if not _ends_with(received, _SEQUENCE_DELIMITER):
             raise NodeError("encapsulated pixel data is not terminated (truncated dataset)")
         return
     try:
@@ -90,8 +101,9 @@ class Ingestor:
         self.catalog = catalog
         self._stripes = [threading.Lock() for _ in range(64)]
 
-    def ingest(self, ds: Dataset, encoded: bytes, sop_class_uid: str, transfer_syntax: str, calling_ae: str) -> IngestResult:
-        """Keep ``encoded`` (the dataset as received, with its file meta) and catalog it."""
+    def ingest(self, ds: Dataset, received: Path, sop_class_uid: str, transfer_syntax: str, calling_ae: str) -> IngestResult:
+        """Keep ``received`` (the dataset as received, with its file meta, in the store's ``incoming``
+        folder) and catalog it. The file is renamed into the store or left for the caller to delete."""
         kind = STORAGE_KIND.get(sop_class_uid)
         if kind is None:
             return IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class {sop_class_uid} is not stored here")
@@ -101,7 +113,7 @@ class Ingestor:
             sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
             if str(ds.get("SOPClassUID", "")).strip() != sop_class_uid:
                 raise NodeError(f"SOPClassUID of the dataset does not match the presentation context ({sop_class_uid})")
-            check_pixel_data(ds, encoded)
+            check_pixel_data(ds, received)
             report = (
                 ReportAttrs(text=report_text(ds), report_time=report_time(ds)) if kind is Kind.REPORT else None
             )
@@ -116,11 +128,12 @@ class Ingestor:
             held_in = self.catalog.find_instance_study(sop_uid)
             if held_in is not None:
                 return self._duplicate(sop_uid, held_in == study_uid)
-            if not self.store.has_room(len(encoded)):
+            size = received.stat().st_size
+            if not self.store.has_room(size):
                 LOG.error("instance %s refused: free disk space below the configured watermark", sop_uid)
                 return IngestResult(Status.OUT_OF_RESOURCES, "storage full: free disk below the watermark")
             try:
-                self.store.write(relative, encoded)
+                self.store.keep(relative, received)
             except OSError as error:
                 LOG.error("cannot write instance %s: %s", sop_uid, error)
                 return IngestResult(Status.OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}")
@@ -129,7 +142,7 @@ class Ingestor:
                 sop_class_uid=sop_class_uid,
                 transfer_syntax=transfer_syntax,
                 path=relative,
-                size_bytes=len(encoded),
+                size_bytes=size,
                 kind=kind,
                 instance_number=_text(ds, "InstanceNumber", 12),
                 calling_ae=calling_ae,
@@ -145,8 +158,8 @@ class Ingestor:
                 return IngestResult(Status.OUT_OF_RESOURCES, f"catalog error: {type(error).__name__}")
         if outcome is AddOutcome.STORED:
             LOG.info("stored %s instance %s of study %s from %s (%d bytes)", kind.value, sop_uid, study_uid,
-                     calling_ae, len(encoded))
-            return IngestResult(Status.SUCCESS, outcome=outcome, size=len(encoded))
+                     calling_ae, size)
+            return IngestResult(Status.SUCCESS, outcome=outcome, size=size)
         if outcome is AddOutcome.CONFLICT:
             self.store.remove(relative)
         return self._duplicate(sop_uid, outcome is AddOutcome.DUPLICATE)

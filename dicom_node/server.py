@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import Settings, TlsSettings
@@ -112,6 +113,7 @@ class Node:
         self.watchdog = AssociationWatchdog(settings.node.message_timeout_s)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self._tempdir: str | None = None
         self.hl7: Hl7Listener | None = None
         self.http: MetricsServer | None = None
         self._stop_lock = threading.Lock()
@@ -134,6 +136,10 @@ class Node:
             *self.watchdog.handlers(),
         ]
         node = self.settings.node
+        # Received datasets are written to a file as their fragments arrive (never whole in memory), in the
+        # store's incoming folder: PHI stays in the data dir, and keeping an instance is a rename.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self._tempdir, tempfile.tempdir = tempfile.tempdir, str(self.store.incoming)
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
         if self.settings.hl7.enabled:
@@ -145,7 +151,7 @@ class Node:
             self.http.start()
         self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
-        self.scheduler.add("watchdog", self.watchdog.sweep, min(5.0, node.message_timeout_s / 4))
+        self.scheduler.add("housekeeping", self.housekeeping, min(5.0, node.message_timeout_s / 4))
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
                  node.host, self.port, len(self.index))
@@ -154,6 +160,13 @@ class Node:
         """Whether the DICOM server is running and its socket open."""
         server = self._server
         return server is not None and server.socket.fileno() != -1
+
+    def housekeeping(self) -> None:
+        """Abort stalled associations; delete what aborted transfers left in the incoming folder."""
+        self.watchdog.sweep()
+        removed = self.store.remove_temporaries(older_than_s=2 * self.settings.node.message_timeout_s)
+        if removed:
+            LOG.warning("removed %d files left by aborted transfers", removed)
 
     def embed(self) -> None:
         """One embedding round, counted in the metrics."""
@@ -175,6 +188,7 @@ class Node:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
+                tempfile.tempdir = self._tempdir
             for listener in (self.hl7, self.http):
                 if listener is not None:
                     listener.stop()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
+import time
 from pathlib import Path
 
 from dicom_node.errors import NodeError
@@ -13,6 +13,7 @@ from indexer.durable import fsync_directory
 # Digits and dots, no empty component, at most 64 characters: nothing that can climb out of a folder.
 # (Leading zeros, which PS3.5 forbids, are still accepted: real archives have them and they are path-safe.)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+INCOMING = ".incoming"
 
 
 def check_uid(value: object, name: str) -> str:
@@ -27,12 +28,18 @@ def check_uid(value: object, name: str) -> str:
 
 
 class FileStore:
-    """``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, UIDs checked first."""
+    """``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, UIDs checked first.
+
+    Datasets arrive in ``<root>/.incoming`` (on the same file system, so keeping one is a rename) and
+    leave it either renamed into place or deleted; what a crash or an aborted transfer leaves there is
+    removed at start and, while running, once it is older than any transfer can last.
+    """
 
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
+        self.incoming = root / INCOMING
         self.min_free_bytes = min_free_bytes
-        root.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
     def has_room(self, incoming: int = 0) -> bool:
         """Whether ``incoming`` bytes still leave the configured free space (the disk watermark)."""
@@ -49,30 +56,29 @@ class FileStore:
             raise NodeError(f"path {relative!r} leaves the storage folder")
         return path
 
-    def write(self, relative: str, data: bytes) -> None:
-        """Write ``data`` to a temporary file, fsync it, rename it into place, fsync the folder."""
+    def keep(self, relative: str, received: Path) -> None:
+        """Make ``received`` (a file in ``incoming``) the stored instance: fsync it, rename it into place,
+        fsync the folder. After this returns the instance survives a crash."""
         final = self.absolute(relative)
         folder = final.parent
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{final.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            with tmp.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with received.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(received, final)
         fsync_directory(folder)
 
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)
 
-    def remove_temporaries(self) -> int:
-        """Delete temporary files a crash left behind; returns how many."""
+    def remove_temporaries(self, older_than_s: float = 0.0) -> int:
+        """Delete files left in ``incoming`` untouched for ``older_than_s`` seconds; returns how many."""
+        now = time.time()
         count = 0
-        for tmp in self.root.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-            count += 1
+        for leftover in self.incoming.iterdir():
+            try:
+                if now - leftover.stat().st_mtime >= older_than_s:
+                    leftover.unlink()
+                    count += 1
+            except FileNotFoundError:  # renamed into place or deleted meanwhile
+                continue
         return count

@@ -1,6 +1,8 @@
 """The file store never builds a path from an unchecked UID and never leaves partial files."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -21,19 +23,25 @@ def test_good_uid_passes_and_trailing_padding_is_removed() -> None:
     assert check_uid("1." + "2" * 62, "x") == "1." + "2" * 62
 
 
-def test_write_is_atomic_and_inside_the_root(tmp_path: Path) -> None:
+def test_keep_renames_the_received_file_into_place(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "storage")
+    received = store.incoming / "tmp123.dcm"
+    received.write_bytes(b"DICM-bytes")
     relative = store.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    store.write(relative, b"DICM-bytes")
+    store.keep(relative, received)
     assert (tmp_path / "storage" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm").read_bytes() == b"DICM-bytes"
-    assert not list((tmp_path / "storage").rglob("*.tmp"))
+    assert not received.exists()
     with pytest.raises(NodeError):
         store.absolute("../outside.dcm")
 
 
-def test_leftover_temporaries_are_removed(tmp_path: Path) -> None:
+def test_leftovers_in_incoming_are_removed_once_old_enough(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "storage")
-    (tmp_path / "storage" / "1.2").mkdir()
-    (tmp_path / "storage" / "1.2" / ".1.2.3.dcm.abcd.tmp").write_bytes(b"half")
+    old, fresh = store.incoming / "tmpold.dcm", store.incoming / "tmpnew.dcm"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"arriving")
+    os.utime(old, (time.time() - 600, time.time() - 600))
+    assert store.remove_temporaries(older_than_s=300) == 1
+    assert not old.exists() and fresh.exists()
     assert store.remove_temporaries() == 1
-    assert not list((tmp_path / "storage").rglob("*.tmp"))
+    assert not any(store.incoming.iterdir())
