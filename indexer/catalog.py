@@ -12,12 +12,28 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import IndexerError
 from indexer.schema import Base, HeldReport, Instance, Kind, Report, Series, State, Study
+
+# Statements of the receive path, built once so that a received instance pays only for executing them.
+_STUDY_PK = select(Study.id).where(Study.study_uid == bindparam("uid"))
+_SERIES_ROW = select(Series.id, Series.study_pk).where(Series.series_uid == bindparam("uid"))
+_INSTANCE_STUDY_UID = (select(Study.study_uid).join(Series, Series.study_pk == Study.id)
+                       .join(Instance, Instance.series_pk == Series.id).where(Instance.sop_uid == bindparam("uid")))
+_HELD_FOR_STUDY = (
+    select(HeldReport.id, HeldReport.source_uid, HeldReport.text, HeldReport.report_time, HeldReport.source)
+    .where(or_(HeldReport.study_uid == bindparam("uid"),
+               (HeldReport.study_uid == "") & (bindparam("accession") != "")
+               & (HeldReport.accession_number == bindparam("accession"))))
+    .order_by(HeldReport.report_time, HeldReport.id)
+)
+_INSERT_STUDY = insert(Study).returning(Study.id)
+_INSERT_SERIES = insert(Series).returning(Series.id)
+_INSERT_INSTANCE = insert(Instance)
 
 
 @dataclass(frozen=True)
@@ -140,13 +156,8 @@ class Catalog:
     # -- receiving -----------------------------------------------------------------------------
     def find_instance_study(self, sop_uid: str) -> str | None:
         """The StudyInstanceUID under which ``sop_uid`` is held, or None."""
-        with self._sessions() as session:
-            return session.scalar(
-                select(Study.study_uid)
-                .join(Series, Series.study_pk == Study.id)
-                .join(Instance, Instance.series_pk == Series.id)
-                .where(Instance.sop_uid == sop_uid)
-            )
+        with self.engine.connect() as connection:
+            return connection.scalar(_INSTANCE_STUDY_UID, {"uid": sop_uid})
 
     def add_instance(
         self,
@@ -155,25 +166,28 @@ class Catalog:
         instance: InstanceAttrs,
         report: ReportAttrs | None = None,
     ) -> AddOutcome:
-        """Record a stored instance (and the report it carries) in one transaction."""
+        """Record a stored instance (and the report it carries) in one transaction.
+
+        Core statements built once, on primary keys, no ORM objects: this runs once per received instance."""
         try:
-            with self._sessions.begin() as session:
-                study_row = session.scalar(select(Study).where(Study.study_uid == study.study_uid))
-                if study_row is None:
-                    study_row = self._get_or_create(session, Study, "study_uid", asdict(study))
-                    self._attach_held(session, study_row)
-                series_row = self._get_or_create(
-                    session, Series, "series_uid", {**asdict(series), "study_pk": study_row.id}
-                )
-                if series_row.study_pk != study_row.id:
+            with self.engine.begin() as connection:
+                study_pk = connection.scalar(_STUDY_PK, {"uid": study.study_uid})
+                if study_pk is None:
+                    study_pk = connection.scalar(_INSERT_STUDY, asdict(study))
+                    self._attach_held(connection, study_pk, study.study_uid, study.accession_number)
+                row = connection.execute(_SERIES_ROW, {"uid": series.series_uid}).first()
+                if row is None:
+                    series_pk = connection.scalar(_INSERT_SERIES, {**asdict(series), "study_pk": study_pk})
+                elif row.study_pk != study_pk:
                     raise IndexerError(
                         f"series {series.series_uid} already belongs to another study; instance {instance.sop_uid} refused"
                     )
+                else:
+                    series_pk = row.id
                 state = State.PENDING if instance.kind is Kind.IMAGE else State.SKIPPED
-                session.add(Instance(**asdict(instance), series_pk=series_row.id, state=state))
-                session.flush()
+                connection.execute(_INSERT_INSTANCE, {**asdict(instance), "series_pk": series_pk, "state": state})
                 if report is not None:
-                    self._add_report(session, study_row.id, instance.sop_uid, report)
+                    self._add_report(connection, study_pk, instance.sop_uid, report)
         except IntegrityError:
             # Another association stored the same SOP Instance UID between our check and commit.
             held_in = self.find_instance_study(instance.sop_uid)
@@ -182,50 +196,38 @@ class Catalog:
             return AddOutcome.DUPLICATE if held_in == study.study_uid else AddOutcome.CONFLICT
         return AddOutcome.STORED
 
-    @staticmethod
-    def _get_or_create(session: Session, model: type[Any], key: str, values: dict[str, Any]) -> Any:
-        row = session.scalar(select(model).where(getattr(model, key) == values[key]))
-        if row is None:
-            row = model(**values)
-            session.add(row)
-            session.flush()
-        return row
-
     def add_report(self, study_uid: str, accession_number: str, source_uid: str, report: ReportAttrs) -> ReportOutcome:
         """Join a report (e.g. from HL7) to the study named by UID, else by accession number; hold it if absent."""
         if not (study_uid or accession_number):
             raise ValueError("a report needs a Study Instance UID or an Accession Number")
         try:
-            with self._sessions.begin() as session:
+            with self.engine.begin() as connection:
                 for model in (Report, HeldReport):
-                    if session.scalar(select(model.id).where(model.source_uid == source_uid)) is not None:
+                    if connection.scalar(select(model.id).where(model.source_uid == source_uid)) is not None:
                         return ReportOutcome.DUPLICATE
                 if study_uid:
-                    study_pk = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+                    study_pk = connection.scalar(_STUDY_PK, {"uid": study_uid})
                 else:
-                    study_pk = session.scalar(select(Study.id).where(Study.accession_number == accession_number)
-                                              .order_by(Study.id.desc()).limit(1))
+                    study_pk = connection.scalar(select(Study.id).where(Study.accession_number == accession_number)
+                                                 .order_by(Study.id.desc()).limit(1))
                 if study_pk is None:
-                    session.add(HeldReport(source_uid=source_uid, source=report.source, study_uid=study_uid,
-                                           accession_number=accession_number, report_time=report.report_time,
-                                           text=report.text))
+                    connection.execute(insert(HeldReport).values(
+                        source_uid=source_uid, source=report.source, study_uid=study_uid,
+                        accession_number=accession_number, report_time=report.report_time, text=report.text))
                     return ReportOutcome.HELD
-                self._add_report(session, study_pk, source_uid, report)
+                self._add_report(connection, study_pk, source_uid, report)
         except IntegrityError:  # the same source id committed by another connection meanwhile
             return ReportOutcome.DUPLICATE
         return ReportOutcome.ATTACHED
 
-    def _attach_held(self, session: Session, study: Study) -> None:
+    def _attach_held(self, connection: Connection, study_pk: int, study_uid: str, accession_number: str) -> None:
         """Move the held reports naming this new study (by UID, or by accession number without a UID) to it."""
-        names_it = HeldReport.study_uid == study.study_uid
-        if study.accession_number:
-            names_it = or_(names_it, (HeldReport.study_uid == "") & (HeldReport.accession_number == study.accession_number))
-        held = list(session.scalars(select(HeldReport).where(names_it).order_by(HeldReport.report_time, HeldReport.id)))
+        held = connection.execute(_HELD_FOR_STUDY, {"uid": study_uid, "accession": accession_number}).all()
         for row in held:
-            self._add_report(session, study.id, row.source_uid,
+            self._add_report(connection, study_pk, row.source_uid,
                              ReportAttrs(text=row.text, report_time=row.report_time, source=row.source))
         if held:
-            session.execute(delete(HeldReport).where(HeldReport.id.in_([row.id for row in held])))
+            connection.execute(delete(HeldReport).where(HeldReport.id.in_([row.id for row in held])))
 
     def study_instance_count(self, study_uid: str) -> int:
         """How many instances of the study the node holds (0 when none)."""
@@ -240,28 +242,26 @@ class Catalog:
             return session.scalar(select(func.count()).select_from(HeldReport)) or 0
 
     @staticmethod
-    def _add_report(session: Session, study_pk: int, source_uid: str, report: ReportAttrs) -> None:
-        newest = session.scalar(
-            select(Report).where(Report.study_pk == study_pk, Report.current.is_(True))
-        )
+    def _add_report(connection: Connection, study_pk: int, source_uid: str, report: ReportAttrs) -> None:
+        newest = connection.execute(
+            select(Report.id, Report.report_time, Report.state).where(Report.study_pk == study_pk, Report.current.is_(True))
+        ).first()
         is_current = newest is None or report.report_time >= newest.report_time
         if is_current and newest is not None:
-            newest.current = False
+            superseded: dict[str, Any] = {"current": False}
             if newest.state is State.PENDING:
-                newest.state = State.SKIPPED
-                newest.reason = "superseded by a newer report"
-        session.add(
-            Report(
-                source_uid=source_uid,
-                source=report.source,
-                study_pk=study_pk,
-                report_time=report.report_time,
-                text=report.text,
-                current=is_current,
-                state=State.PENDING if is_current else State.SKIPPED,
-                reason="" if is_current else "a newer report of this study is already held",
-            )
-        )
+                superseded.update(state=State.SKIPPED, reason="superseded by a newer report")
+            connection.execute(update(Report).where(Report.id == newest.id).values(superseded))
+        connection.execute(insert(Report).values(
+            source_uid=source_uid,
+            source=report.source,
+            study_pk=study_pk,
+            report_time=report.report_time,
+            text=report.text,
+            current=is_current,
+            state=State.PENDING if is_current else State.SKIPPED,
+            reason="" if is_current else "a newer report of this study is already held",
+        ))
 
     # -- the embedding job ---------------------------------------------------------------------
     def pending_images(self, limit: int) -> list[PendingItem]:
