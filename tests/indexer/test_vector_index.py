@@ -5,9 +5,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from indexer.catalog import Catalog, InstanceAttrs, SeriesAttrs, StudyAttrs
 from indexer.schema import Kind
+from indexer.errors import IndexerError
 from indexer.vector_index import HnswParams, VectorIndex
 
 PARAMS = HnswParams(dim=8, m=8, ef_construction=50, ef_search=50)
@@ -86,3 +88,22 @@ def test_adds_and_searches_do_not_race(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == [] and len(index) == 2000
+
+
+def test_failed_snapshot_keeps_the_previous_one(tmp_path: Path) -> None:
+    index = VectorIndex(PARAMS, tmp_path)
+    vectors = np.stack([unit(i) for i in range(20)])
+    index.upsert(np.arange(20), vectors, seq=1)
+    first = index.snapshot()
+    index.upsert(np.arange(20, 40), -vectors, seq=2)
+    # The writer (a forked child) cannot create its file: its name leads into a folder that does not exist.
+    blocked = tmp_path / ".hnsw-000000000002-40.bin.tmp"
+    blocked.symlink_to(tmp_path / "missing" / "file")
+    with pytest.raises(IndexerError, match="snapshot writer failed"):
+        index.snapshot()
+    loaded = VectorIndex.load_snapshot(PARAMS, tmp_path)
+    assert loaded is not None and len(loaded) == 20 and loaded.seq == 1
+    assert loaded.search(vectors[3], 1)[0].tolist() == [3] and first.exists()
+    assert not blocked.is_symlink()  # the failed attempt's file is gone
+    index.snapshot()
+    assert len(VectorIndex.load_snapshot(PARAMS, tmp_path) or []) == 40
