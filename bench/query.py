@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 
 from dicom_node.handlers import NO_DELAY
 from indexer.populate import synthetic_uid
+from indexer.vector_index import VectorIndex
 from tests.helpers import free_port, port_open
 
 
@@ -70,13 +72,40 @@ def exact_top(vectors: np.ndarray, row: int, k: int) -> set[int]:
     return set(np.argpartition(-sims, k)[:k].tolist())
 
 
-def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> dict[str, dict[str, float]]:
-    """In this process, on the same data dir: ms per stage of answering one similar-case query."""
+def snapshot_stall(index: VectorIndex) -> dict[str, float]:
+    """Seconds one index snapshot takes, and the longest this process stalls meanwhile (ms), seen by a
+    thread that wakes every millisecond: what every association of the node would wait."""
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    time.sleep(0.2)
+    start = time.perf_counter()
+    index.snapshot()
+    seconds = time.perf_counter() - start
+    time.sleep(0.2)
+    done.set()
+    ticker.join()
+    return {"snapshot_s": round(seconds, 2), "max_stall_ms": round(max(gaps) * 1000, 1)}
+
+
+def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """In this process, on the same data dir: ms per stage of answering one similar-case query, and
+    the stall an index snapshot causes."""
     from config import load_settings
     from dicom_node.matching import study_summary
     from dicom_node.similar import find_similar, hit_identifier, parse_request
     from indexer.catalog import Catalog
-    from indexer.vector_index import HnswParams, VectorIndex
+    from indexer.vector_index import HnswParams
     from models.observations import EMBEDDING_DIM
 
     settings = load_settings(config)
@@ -101,9 +130,10 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> dict[str
         t4 = time.perf_counter()
         for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             stages[name].append(seconds * 1000)
+    stall = snapshot_stall(index)
     catalog.close()
     return {name: {"p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
-            for name, ms in stages.items()}
+            for name, ms in stages.items()}, stall
 
 
 def main() -> int:
@@ -175,9 +205,11 @@ def main() -> int:
         node.terminate()
         node.wait(timeout=300)
     load_before = load()
-    for stage, ms in stage_times(config, vectors, picks.tolist()).items():
+    stages, stall = stage_times(config, vectors, picks.tolist())
+    for stage, ms in stages.items():
         figures.append({**base, "figure": f"stage_{stage}_ms", "queries": len(picks), **ms,
                         "load": f"{load_before} -> {load()}"})
+    figures.append({**base, "figure": "index_snapshot", **stall, "load": load()})
     index_file = next((folder / "data" / "index").glob("hnsw-*.bin"))
     figures.append({**base, "figure": "vectors_plus_graph_mib",
                     "value": round(index_file.stat().st_size / 2**20, 1), "load": load()})
