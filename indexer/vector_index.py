@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,11 @@ from indexer.errors import IndexerError
 
 LOG = logging.getLogger(__name__)
 POINTER = "current.json"
+WRITER_TIMEOUT_S = 900.0  # a snapshot writer still running after this is killed (and the snapshot retried)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Resolved here, in the parent: a forked child must not call dlopen/dlsym (another thread may have held
+# the loader's lock at the fork).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _detach_from(parent: int) -> None:
@@ -34,10 +39,23 @@ def _detach_from(parent: int) -> None:
     close when the parent closes them), and be killed when ``parent`` dies (Linux), so that no writer
     outlives a killed node and leaves a file behind after the next start cleaned up."""
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
+
+
+def _wait_for(pid: int, timeout_s: float) -> int:
+    """The exit code of child ``pid``; killed (-9) when it runs longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)
@@ -117,10 +135,10 @@ class VectorIndex:
                     code = 0
                 finally:
                     os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        code = _wait_for(pid, WRITER_TIMEOUT_S)
+        if code != 0:
             tmp.unlink(missing_ok=True)
-            raise IndexerError(f"the snapshot writer failed (status {status}); the previous snapshot stays current")
+            raise IndexerError(f"the snapshot writer failed (exit code {code}); the previous snapshot stays current")
         final = self.directory / name
         os.replace(tmp, final)
         pointer = {"file": name, "seq": seq, "dim": self.params.dim, "m": self.params.m,

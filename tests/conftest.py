@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.node_process import NodeProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -35,3 +39,10 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _quiet_scheduler() -> None:
     """A busy embedding job makes APScheduler note every coalesced run; that is expected, not news."""
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _no_node_outlives_its_test() -> Iterator[None]:
+    yield
+    while NodeProcess.started:
+        NodeProcess.started.pop().stop(signal.SIGKILL)

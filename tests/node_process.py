@@ -17,6 +17,8 @@ MMDL_NODE = Path(sys.executable).parent / "mmdl-node"
 class NodeProcess:
     """`mmdl-node serve --config FILE` on a temp data dir, on a free port."""
 
+    started: list["NodeProcess"] = []  # killed after each test (tests/conftest.py), even a failed one
+
     def __init__(self, folder: Path, model_dir: Path, peer_port: int, extra: str = "") -> None:
         self.port = free_port()
         self.data_dir = folder / "data"
@@ -47,6 +49,7 @@ device = "cpu"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen([str(MMDL_NODE), "serve", "--config", str(self.config)],
                                             stdout=log, stderr=subprocess.STDOUT)
+        NodeProcess.started.append(self)
         process = self.process
 
         def ready() -> bool:

@@ -1,7 +1,10 @@
 """The HNSW index: ranking, replacement, atomic snapshots, catch-up and rebuild from the catalog."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from indexer.catalog import Catalog, InstanceAttrs, SeriesAttrs, StudyAttrs
 from indexer.schema import Kind
 from indexer.errors import IndexerError
-from indexer.vector_index import HnswParams, VectorIndex
+from indexer.vector_index import HnswParams, VectorIndex, _wait_for
 
 PARAMS = HnswParams(dim=8, m=8, ef_construction=50, ef_search=50)
 
@@ -107,3 +110,13 @@ def test_failed_snapshot_keeps_the_previous_one(tmp_path: Path) -> None:
     assert not blocked.is_symlink()  # the failed attempt's file is gone
     index.snapshot()
     assert len(VectorIndex.load_snapshot(PARAMS, tmp_path) or []) == 40
+
+
+def test_a_hung_snapshot_writer_is_killed() -> None:
+    pid = os.fork()
+    if pid == 0:  # stands for a writer that never finishes
+        time.sleep(60)
+        os._exit(0)
+    started = time.monotonic()
+    assert _wait_for(pid, 0.3) == -signal.SIGKILL
+    assert time.monotonic() - started < 30
