@@ -71,10 +71,11 @@ class FileStore:
         self.absolute(relative).unlink(missing_ok=True)
 
     def remove_temporaries(self, older_than_s: float = 0.0) -> int:
-        """Delete files left in ``incoming`` untouched for ``older_than_s`` seconds; returns how many."""
+        """Delete received datasets (``*.dcm``) left in ``incoming`` untouched for ``older_than_s`` seconds;
+        returns how many. Other temporary files of the node's process there are left to their owners."""
         now = time.time()
         count = 0
-        for leftover in self.incoming.iterdir():
+        for leftover in self.incoming.glob("*.dcm"):
             try:
                 if now - leftover.stat().st_mtime >= older_than_s:
                     leftover.unlink()
