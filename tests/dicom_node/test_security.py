@@ -4,16 +4,22 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 from dicom_node.server import Node
 from dicom_node.status import Status
-from tests.dicom_node.builders import dx_from_png, save
-from tests.helpers import dcmtk
+from tests.dicom_node.builders import dx_from_png, dx_synthetic, save
+from tests.helpers import dcmtk, wait_until
 
 
 def openssl(*args: str | Path, cwd: Path) -> None:
@@ -119,3 +125,35 @@ def test_idle_and_trickling_associations_are_closed(start_node: Callable[..., No
     fresh = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
     assert fresh.is_established and fresh.send_c_echo().Status == 0
     fresh.release()
+
+
+def test_a_transfer_cut_short_leaves_nothing_behind(start_node: Callable[..., Node]) -> None:
+    """A peer that sends part of a dataset and stops: the association is aborted and the partial file,
+    which may hold patient data, is deleted from the incoming folder."""
+    node = start_node(node={"message_timeout_s": 1.0})
+    ds = dx_synthetic(generate_uid(), "PAT-CUT", "ACC-CUT", size=256)
+    ae = AE("PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = []
+    for primitive in message.encode_msg(assoc.accepted_contexts[0].context_id, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    assert len(pdus) > 3
+    for pdu in pdus[:-2]:  # the command and most of the dataset, never its last fragments
+        assoc.dul.socket.socket.sendall(pdu)
+    incoming = node.store.incoming
+    wait_until(lambda: any(incoming.glob("*.dcm")), 30, "the partial dataset to be written")
+    wait_until(lambda: not assoc.is_established, 30, "the stalled association to be aborted")
+    wait_until(lambda: not any(incoming.glob("*.dcm")), 30, "the partial file to be deleted")
+    assert node.catalog.find_instance_study(str(ds.SOPInstanceUID)) is None
