@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from config.settings import QuerySettings
@@ -172,12 +173,17 @@ def hit_identifier(request: Dataset, hit: Hit, summary: tuple[str, int, int] | N
         request.StudyDescription = ""
     identifier = response(request, "STUDY", values, retrieve_ae)
     block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(SCORE, "DS", f"{hit.score:.6f}")
-    block.add_new(RANK, "IS", str(hit.rank))
-    block.add_new(MODEL_VERSION, "LO", hit.study.model_version[:64])
-    block.add_new(PREDICTED_FINDINGS, "LO", findings or "")
-    block.add_new(FINDING_SCORES, "DS", [f"{s:.4f}" for s in hit.finding_scores])
-    block.add_new(ORIGINAL_DESCRIPTION, "LO", hit.study.study_description)
+    # Values formatted here as their DICOM strings and added as such: pydicom's conversion and validation
+    # of each value would take about half of the time of building an answer.
+    for offset, vr, value in (
+        (SCORE, "DS", f"{hit.score:.6f}"),
+        (RANK, "IS", str(hit.rank)),
+        (MODEL_VERSION, "LO", hit.study.model_version[:64]),
+        (PREDICTED_FINDINGS, "LO", findings or ""),
+        (FINDING_SCORES, "DS", [f"{s:.4f}" for s in hit.finding_scores]),
+        (ORIGINAL_DESCRIPTION, "LO", hit.study.study_description),
+    ):
+        identifier.add(DataElement(block.get_tag(offset), vr, value, already_converted=True))
     return identifier
 
 
