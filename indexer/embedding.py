@@ -1,7 +1,8 @@
 """The embedding job: pending images and reports -> vectors in the catalog -> study vectors in the index.
 
 A pure function of catalog rows and the model, so an archive backfill could run it elsewhere (a GPU
-batch job) and write into the same catalog. Decoding runs in a thread pool beside the model; an item
+batch job) and write into the same catalog. Decoding and preprocessing run in a thread pool one batch
+ahead of the model: while the backbone embeds batch n, the pool reads and prepares batch n+1. An item
 that cannot be decoded or embedded is marked failed with its reason and never blocks the others.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,14 +22,20 @@ from indexer.schema import Instance, Report
 from indexer.vector_index import VectorIndex
 
 LOG = logging.getLogger(__name__)
+# An image in the decode pool: its catalog row and the future of its prepared model input.
+Slot = tuple[PendingItem, "Future[Any]"]
 
 
 class Encoder(Protocol):
-    """What the job needs of an MMDL model (models.bundle.MMDLModel provides it)."""
+    """What the job needs of an MMDL model (models.bundle.MMDLModel provides it).
+
+    ``prepare_image`` runs in the decode pool, beside ``embed_prepared`` on the job's thread.
+    """
 
     version: str
 
-    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+    def prepare_image(self, image: np.ndarray) -> Any: ...
+    def embed_prepared(self, prepared: Sequence[Any]) -> np.ndarray: ...
     def embed_reports(self, texts: Sequence[str]) -> np.ndarray: ...
     def predict_labels(self, embeddings: np.ndarray) -> np.ndarray: ...
 
@@ -58,7 +65,11 @@ def _reason(error: BaseException) -> str:
 
 
 class EmbeddingJob:
-    """One run embeds everything pending, batch by batch, up to ``max_seconds``."""
+    """One run embeds everything pending, batch by batch, up to ``max_seconds``.
+
+    Up to two batches of images are in the decode pool at a time: the one the model takes next and
+    the one after it, so that reading, decoding and preprocessing overlap the backbone's passes.
+    """
 
     def __init__(
         self,
@@ -83,6 +94,7 @@ class EmbeddingJob:
 
     @property
     def model(self) -> Encoder:
+        """The encoder, loaded on first use (in the calling thread, never in the decode pool)."""
         if self._model is None:
             self._model = self._load_model()
             LOG.info("embedding model %s loaded", self._model.version)
@@ -92,36 +104,63 @@ class EmbeddingJob:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self) -> RoundStats:
+        """Embed pending images and reports and refresh their studies until none is left or time is up.
+
+        A batch started before ``max_seconds`` is finished; images still in the decode pool then stay
+        pending for the next run (decoding has no side effect).
+        """
         stats = RoundStats()
         start = time.monotonic()
-        while time.monotonic() - start < self.max_seconds:
-            images = self.catalog.pending_images(self.batch_size)
-            reports = self.catalog.pending_reports(self.batch_size)
-            self._embed_images(images, stats)
-            self._embed_reports(reports, stats)
-            dirty = self.catalog.dirty_studies(limit=1000)
-            self._refresh_studies(dirty, stats)
-            if not images and not reports and not dirty:
-                break
+        in_flight: dict[int, Slot] = {}
+        try:
+            while time.monotonic() - start < self.max_seconds:
+                images = self._next_images(in_flight)
+                self._embed_images(images, stats)
+                reports = self.catalog.pending_reports(self.batch_size)
+                self._embed_reports(reports, stats)
+                dirty = self.catalog.dirty_studies(limit=1000)
+                self._refresh_studies(dirty, stats)
+                if not images and not reports and not dirty:
+                    break
+        finally:
+            for _, future in in_flight.values():
+                future.cancel()
         stats.seconds = time.monotonic() - start
         if stats.images or stats.reports or stats.failed:
             LOG.info("embedded %d images, %d reports (%d failed), %d studies updated in %.2f s",
                      stats.images, stats.reports, stats.failed, stats.studies, stats.seconds)
         return stats
 
-    def _decode_one(self, item: PendingItem) -> np.ndarray | BaseException:
-        try:
-            return self._decode(self.storage_root / item.payload)
-        except Exception as error:  # any decoder failure marks this one item failed
-            return error
+    def _next_images(self, in_flight: dict[int, Slot]) -> list[Slot]:
+        """The next batch (oldest first), after topping the pool up to this batch and the one after it.
 
-    def _embed_images(self, items: list[PendingItem], stats: RoundStats) -> None:
-        if not items:
+        One catalog query per batch: the pending images not yet in the pool, in id order.
+        """
+        room = 2 * self.batch_size - len(in_flight)
+        if room > 0:
+            fresh = [i for i in self.catalog.pending_images(len(in_flight) + room) if i.id not in in_flight]
+            if fresh:
+                model = self.model  # loaded here, before any worker needs it
+                for item in fresh[:room]:
+                    in_flight[item.id] = (item, self._pool.submit(self._prepare_one, model, item))
+        return [in_flight.pop(key) for key in list(in_flight)[: self.batch_size]]
+
+    def _prepare_one(self, model: Encoder, item: PendingItem) -> Any:
+        """Read, decode and preprocess one image (runs in the pool); an exception fails this item alone."""
+        return model.prepare_image(self._decode(self.storage_root / item.payload))
+
+    def _embed_images(self, batch: list[Slot], stats: RoundStats) -> None:
+        if not batch:
             return
-        decoded = list(self._pool.map(self._decode_one, items))
-        failures = {item.id: _reason(d) for item, d in zip(items, decoded) if isinstance(d, BaseException)}
-        ready = [(item, d) for item, d in zip(items, decoded) if not isinstance(d, BaseException)]
-        vectors = self._embed(ready, self.model.embed_images, failures)
+        failures: dict[int, str] = {}
+        ready: list[tuple[PendingItem, Any]] = []
+        for item, future in batch:
+            try:
+                ready.append((item, future.result()))
+            except Exception as error:  # any decoder or preprocessing failure marks this one item failed
+                failures[item.id] = _reason(error)
+        vectors = self._embed(ready, self.model.embed_prepared, failures)
+        items = [item for item, _ in batch]
         self.catalog.save_results(Instance, vectors, failures, {i.study_pk for i in items if i.id in vectors})
         self._count(stats, failures)
         stats.images += len(vectors)
