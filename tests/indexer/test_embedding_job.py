@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from pydicom.uid import generate_uid
 
 from dicom_node.server import decode_stored_image
@@ -17,6 +18,7 @@ from indexer.embedding import EmbeddingJob, Encoder
 from indexer.schema import Instance, Kind, State
 from indexer.vector_index import HnswParams, VectorIndex
 from models.bundle import MMDLModel
+from models.imaging import to_model_input
 from models.observations import EMBEDDING_DIM
 from tests.dicom_node.builders import dx_synthetic
 
@@ -181,3 +183,14 @@ def test_next_batch_is_decoded_while_the_model_runs(catalog: Catalog, tmp_path: 
     job.close()
     assert overlapped == [True]
     assert stats.images == len(names)
+
+
+@pytest.mark.parametrize("scda", [True, False])
+def test_prepared_in_the_pool_gives_the_same_numbers_as_embed_images(model: MMDLModel, scda: bool) -> None:
+    variant = MMDLModel(model.backbone, model.heads, model.report_encoder, model.preprocessing, scda=scda,
+                        version=model.version, device="cpu")
+    images = [np.random.default_rng(i).random((40 + 8 * i, 48), dtype=np.float32) for i in range(3)]
+    prepared = [variant.prepare_image(i) for i in images]
+    batch = to_model_input(images, model.preprocessing)  # what a whole batch is turned into
+    np.testing.assert_array_equal(torch.stack([p.tensor for p in prepared]).numpy(), batch.numpy())
+    np.testing.assert_array_equal(variant.embed_prepared(prepared), variant.embed_images(images))
