@@ -2,8 +2,10 @@
 
 A pure function of catalog rows and the model, so an archive backfill could run it elsewhere (a GPU
 batch job) and write into the same catalog. Decoding and preprocessing run in a thread pool one batch
-ahead of the model: while the backbone embeds batch n, the pool reads and prepares batch n+1. An item
-that cannot be decoded or embedded is marked failed with its reason and never blocks the others.
+ahead of the model, and saving runs one batch behind it on a writer thread: while the backbone embeds
+batch n, the pool reads and prepares batch n+1 and the writer stores batch n-1 and refreshes its
+studies. An item that cannot be decoded or embedded is marked failed with its reason and never blocks
+the others.
 """
 from __future__ import annotations
 
