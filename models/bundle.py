@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models.backbone import DenseNetBackbone
-from models.backbone_training import extract_features
+from models.backbone_training import PreparedImage, extract_features, prepare_image, prepared_features
 from models.errors import ModelError
 from models.imaging import Preprocessing
 from models.mmdl import EMBEDDING_DIM, MMDLHeads
@@ -163,6 +163,19 @@ class MMDLModel:
         if len(images) == 0:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         return self.embed_features(self.image_features(images), "image")
+
+    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+        """The CPU work on one decoded image before the backbone; thread-safe, for a decode pool."""
+        return prepare_image(image, self.preprocessing, scda=self.scda)
+
+    def embed_prepared(self, prepared: Sequence[PreparedImage]) -> np.ndarray:
+        """``embed_images`` of images made ready by ``prepare_image`` (the same numbers)."""
+        if len(prepared) == 0:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        features = prepared_features(
+            self.backbone, prepared, self.preprocessing, scda=self.scda, batch_size=BATCH_SIZE
+        )
+        return self.embed_features(features, "image")
 
     def embed_reports(self, texts: Sequence[str]) -> np.ndarray:
         """(n, 512) float32 raw h of report texts (Findings + Impression)."""
