@@ -65,6 +65,27 @@ def similar_round_trip(port: int, study_uid: str, no_delay: bool) -> tuple[float
     return time.perf_counter() - start, uids
 
 
+def open_association_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
+    """Milliseconds per similar-case C-FIND on one association kept open (TCP_NODELAY), as a viewer that
+    keeps its association does."""
+    ae = AE("BENCH")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MMDL_SIMILAR", evt_handlers=NO_DELAY)
+    times = []
+    for uid in study_uids:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = uid
+        query.StudyDescription = ""
+        start = time.perf_counter()
+        answers = [i for s, i in assoc.send_c_find(query, FIND) if s and s.Status == 0xFF00]
+        times.append(time.perf_counter() - start)
+        if len(answers) != 10:
+            raise SystemExit(f"expected 10 answers on the open association, got {len(answers)}")
+    assoc.release()
+    return np.array(times) * 1000
+
+
 def exact_top(vectors: np.ndarray, row: int, k: int) -> set[int]:
     """Rows of the ``k`` most cosine-similar vectors to ``vectors[row]``, itself excluded (unit vectors)."""
     sims = vectors @ vectors[row]
@@ -198,6 +219,11 @@ def main() -> int:
             figures.append({**base, "figure": f"similar_find_round_trip_ms_{client}", "queries": len(ms),
                             "p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
                             "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
+        load_before = load()
+        ms = open_association_round_trips(port, [synthetic_uid(row + 1) for row in picks.tolist()])
+        figures.append({**base, "figure": "similar_find_ms_open_association", "queries": len(ms),
+                        "p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+                        "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         figures.append({**base, "figure": "recall_at_10", "value": round(hits / (10 * len(picks)), 4),
                         "queries": len(picks), "load": load()})
         figures.append({**base, "figure": "rss_after_queries_mib", **rss_mib(node.pid), "load": load()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,9 @@ DELEGATED = {
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # torch (imported later, with the model) otherwise lets its idle OpenMP threads spin; beside the
+    # node's other threads that halved the embedding rate and doubled freshness p99 (docs/BENCHMARKS.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from dicom_node.logsetup import configure_logging
     from dicom_node.server import Node
 
