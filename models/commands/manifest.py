@@ -1,9 +1,9 @@
 """`mmdl-node manifest`: build one CSV manifest from the training sources, reproducibly.
 
-Example (the shipped model's training data)::
+Example (the shipped model's training data, DATA being the folder that holds the public sets)::
 
-    mmdl-node manifest --nih ../shared/data/nih-cxr14-1000 --covid ../shared/data/covid-chestxray \
-        --iu ../shared/data/iu-reports/NLMCXR_reports.tgz --out data/manifest.csv
+    mmdl-node manifest --nih DATA/nih-cxr14-1000 --covid DATA/covid-chestxray \
+        --iu DATA/iu-reports/NLMCXR_reports.tgz --out data/manifest.csv
 
 Sources are read in a fixed order (NIH, COVID, IU, MIMIC-CXR-JPG, CheXpert) and written in that
 order, so the same inputs always give the same file. Labels of report sources come from the
