@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
 from dicom_node.handlers import NO_DELAY
@@ -47,20 +48,35 @@ def rss_mib(pid: int) -> dict[str, float]:
     return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
 
 
-def similar_round_trip(port: int, study_uid: str, no_delay: bool) -> tuple[float, list[str]]:
-    """Seconds from associate to release for one similar-case C-FIND, and the UIDs it answered.
-
-    ``no_delay``: the client sets TCP_NODELAY, as dcm4che-based viewers do by default and dcmtk-based ones
-    unless built or configured otherwise; without it the client's own Nagle delays show in the figure."""
+def similar_query(study_uid: str) -> Dataset:
+    """A similar-case request for one study, asking for the description (rank, score, findings)."""
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
     query.StudyDescription = ""
-    start = time.perf_counter()
+    return query
+
+
+def associate(port: int, no_delay: bool) -> Association:
+    """A new association to the similar-case title; ``no_delay``: the client sets TCP_NODELAY, as
+    dcm4che-based viewers do by default and dcmtk-based ones unless built or configured otherwise."""
     ae = AE("BENCH")
     ae.add_requested_context(FIND)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MMDL_SIMILAR", evt_handlers=NO_DELAY if no_delay else None)
-    uids = [str(i.StudyInstanceUID) for s, i in assoc.send_c_find(query, FIND) if s and s.Status == 0xFF00]
+    return ae.associate("127.0.0.1", port, ae_title="MMDL_SIMILAR", evt_handlers=NO_DELAY if no_delay else None)
+
+
+def answered(assoc: Association, study_uid: str) -> list[str]:
+    """The Study Instance UIDs a similar-case C-FIND for ``study_uid`` answers, best first."""
+    return [str(i.StudyInstanceUID) for s, i in assoc.send_c_find(similar_query(study_uid), FIND)
+            if s and s.Status == 0xFF00]
+
+
+def similar_round_trip(port: int, study_uid: str, no_delay: bool) -> tuple[float, list[str]]:
+    """Seconds from associate to release for one similar-case C-FIND, and the UIDs it answered; without
+    ``no_delay`` the client's own Nagle delays show in the figure."""
+    start = time.perf_counter()
+    assoc = associate(port, no_delay)
+    uids = answered(assoc, study_uid)
     assoc.release()
     return time.perf_counter() - start, uids
 
@@ -68,22 +84,21 @@ def similar_round_trip(port: int, study_uid: str, no_delay: bool) -> tuple[float
 def open_association_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
     """Milliseconds per similar-case C-FIND on one association kept open (TCP_NODELAY), as a viewer that
     keeps its association does."""
-    ae = AE("BENCH")
-    ae.add_requested_context(FIND)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MMDL_SIMILAR", evt_handlers=NO_DELAY)
+    assoc = associate(port, no_delay=True)
     times = []
     for uid in study_uids:
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = uid
-        query.StudyDescription = ""
         start = time.perf_counter()
-        answers = [i for s, i in assoc.send_c_find(query, FIND) if s and s.Status == 0xFF00]
+        uids = answered(assoc, uid)
         times.append(time.perf_counter() - start)
-        if len(answers) != 10:
-            raise SystemExit(f"expected 10 answers on the open association, got {len(answers)}")
+        if len(uids) != 10:
+            raise SystemExit(f"expected 10 answers on the open association, got {len(uids)}")
     assoc.release()
     return np.array(times) * 1000
+
+
+def percentiles(ms: np.ndarray | list[float], digits: int = 2) -> dict[str, float]:
+    """p50 and p99 of ``ms``, rounded for the report."""
+    return {"p50": round(float(np.percentile(ms, 50)), digits), "p99": round(float(np.percentile(ms, 99)), digits)}
 
 
 def exact_top(vectors: np.ndarray, row: int, k: int) -> set[int]:
@@ -135,10 +150,7 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
                                         settings.index.ef_search), settings.node.data_dir / "index", catalog)
     stages: dict[str, list[float]] = {"hnsw_search": [], "find_similar": [], "study_summary": [], "identifiers": []}
     for row in picks:
-        request = Dataset()
-        request.QueryRetrieveLevel = "STUDY"
-        request.StudyInstanceUID = synthetic_uid(row + 1)
-        request.StudyDescription = ""
+        request = similar_query(synthetic_uid(row + 1))
         t0 = time.perf_counter()
         index.search(vectors[row], 11)
         t1 = time.perf_counter()
@@ -153,8 +165,7 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
             stages[name].append(seconds * 1000)
     stall = snapshot_stall(index)
     catalog.close()
-    return {name: {"p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
-            for name, ms in stages.items()}, stall
+    return {name: percentiles(ms, 3) for name, ms in stages.items()}, stall
 
 
 def main() -> int:
@@ -217,12 +228,12 @@ def main() -> int:
         for no_delay, client in ((True, "client_nodelay"), (False, "client_nagle")):
             ms = np.array(times[no_delay]) * 1000
             figures.append({**base, "figure": f"similar_find_round_trip_ms_{client}", "queries": len(ms),
-                            "p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+                            **percentiles(ms),
                             "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         load_before = load()
         ms = open_association_round_trips(port, [synthetic_uid(row + 1) for row in picks.tolist()])
         figures.append({**base, "figure": "similar_find_ms_open_association", "queries": len(ms),
-                        "p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+                        **percentiles(ms),
                         "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         figures.append({**base, "figure": "recall_at_10", "value": round(hits / (10 * len(picks)), 4),
                         "queries": len(picks), "load": load()})

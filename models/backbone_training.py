@@ -64,13 +64,11 @@ def extract_features(
     """
     if batch_size < 1:
         raise ModelError(f"batch_size must be positive, got {batch_size}")
-    if device is not None:
-        backbone.to(device)
     features = np.zeros((len(images), FEATURE_DIM), dtype=np.float32)
-    for start in range(0, len(images), batch_size):
+    for start in range(0, len(images), batch_size):  # prepared a batch at a time: bounded memory
         batch = [prepare_image(image, preprocessing, scda=scda) for image in images[start : start + batch_size]]
         features[start : start + len(batch)] = prepared_features(
-            backbone, batch, preprocessing, scda=scda, batch_size=batch_size
+            backbone, batch, preprocessing, scda=scda, batch_size=batch_size, device=device
         )
     return features
 
