@@ -1,0 +1,1 @@
+"""What the node shows people over HTTP: the similar-cases page, DICOMweb, rendered images."""
