@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
+from pynetdicom.presentation import build_context
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -36,6 +37,7 @@ from dicom_node.retrieve import (
     send,
 )
 from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
+from dicom_node.sop_classes import VERIFICATION
 from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
 from indexer.catalog import AddOutcome, Catalog
@@ -105,11 +107,20 @@ REJECTION_REASONS = {0x01: "user rejection", 0x02: "no reason", 0x03: "abstract 
 
 
 def handle_accepted(event: Event) -> None:
-    """Log each presentation context the node rejected: AE titles, SOP class and reason, no patient data."""
+    """Log the presentation contexts the node rejected, one line per association: AE titles, SOP classes and
+    reasons, no patient data. Storage classes a C-GET requestor offers to receive are routine (INFO)."""
+    offered_for_get = {uid for uid, role in event.assoc.requestor.role_selection.items() if role.scp_role}
+    rejected: dict[str, list[str]] = {}
+    routine = True
     for context in event.assoc.rejected_contexts:
-        LOG.warning("association %s -> %s: presentation context %d (%s) rejected: %s", calling_ae(event),
-                    called_ae(event), context.context_id, context.abstract_syntax.name,
-                    REJECTION_REASONS.get(context.result, f"result {context.result}"))
+        reason = REJECTION_REASONS.get(context.result, f"result {context.result}")
+        rejected.setdefault(reason, []).append(context.abstract_syntax.name)
+        routine = routine and context.abstract_syntax in offered_for_get
+    if rejected:
+        LOG.log(logging.INFO if routine else logging.WARNING,
+                "association %s -> %s: %d presentation contexts rejected: %s", calling_ae(event), called_ae(event),
+                len(event.assoc.rejected_contexts),
+                "; ".join(f"{reason}: {', '.join(names)}" for reason, names in rejected.items()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -282,7 +293,9 @@ def handle_move(event: Event, services: Services) -> Iterator[Any]:
     try:
         instances = _instances(event, services)
     except NodeError as error:
-        yield peer.host, peer.port
+        # pynetdicom answers a C-MOVE only after associating with its destination: a Verification-only
+        # association, on which nothing is sent, released after the refusal.
+        yield peer.host, peer.port, {"contexts": [build_context(VERIFICATION)], "evt_handlers": NO_DELAY}
         yield 1
         yield _refuse_retrieve(event, services, "C-MOVE", error)
         return

@@ -81,13 +81,13 @@ def retrieve_keys(identifier: Dataset) -> Dataset:
     """
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in UNIQUE_KEYS:
-        raise NodeError(f"QueryRetrieveLevel must be STUDY, SERIES or IMAGE, got {level!r}")
+        raise NodeError(f"QueryRetrieveLevel must be STUDY, SERIES or IMAGE, not {level[:8]!r}")
     keys = Dataset()
     keys.QueryRetrieveLevel = level
     for keyword in UNIQUE_KEYS[level]:
         uids = _uids(identifier, keyword)
         if not uids or not all(_is_uid(uid) for uid in uids):
-            raise NodeError(f"{level} retrieve needs {keyword}: UIDs, no wildcard or empty value")
+            raise NodeError(f"{keyword} must be one UID or a UID list")
         setattr(keys, keyword, uids if len(uids) > 1 else uids[0])
     return keys
 
@@ -121,10 +121,11 @@ def _uncompressed(ds: Dataset) -> Dataset:
     compressed_size = len(ds.PixelData)
     ds.decompress(generate_instance_uid=False)
     if source in LOSSY_METHOD and ds.get("LossyImageCompression", "01") == "01":
-        if "LossyImageCompression" not in ds:
-            ds.LossyImageCompressionRatio = f"{len(ds.PixelData) / max(compressed_size, 1):.2f}"[:16]
-            ds.LossyImageCompressionMethod = LOSSY_METHOD[source]
         ds.LossyImageCompression = "01"
+        if "LossyImageCompressionRatio" not in ds:
+            ds.LossyImageCompressionRatio = f"{len(ds.PixelData) / max(compressed_size, 1):.2f}"[:16]
+        if "LossyImageCompressionMethod" not in ds:
+            ds.LossyImageCompressionMethod = LOSSY_METHOD[source]
     return ds
 
 
