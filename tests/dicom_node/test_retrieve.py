@@ -1,7 +1,6 @@
 """C-MOVE and C-GET over real associations: what a request must name, and how compressed studies travel.
 
-Peers: dcmtk's movescu/getscu/storescp and pynetdicom. Images: the NEMA WG04 chest radiograph RG1 as
-stored uncompressed, JPEG 2000 lossless and JPEG 2000 lossy, and an RLE copy made here.
+Peers: dcmtk's movescu/getscu/storescp and pynetdicom; the study: RG1 in four encodings (studies.py).
 """
 from __future__ import annotations
 
@@ -9,12 +8,10 @@ import logging
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from io import BytesIO
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -24,7 +21,6 @@ from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
     RLELossless,
-    generate_uid,
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -44,66 +40,25 @@ from pynetdicom.sop_class import (
 from dicom_node.server import Node
 from dicom_node.status import Status
 from indexer.schema import Instance
-from tests.dicom_node.builders import ROOT, basic_text_sr
+from tests.dicom_node.studies import Study, assert_as_stored, assert_decoded_whole, by_sop, rg1_study, upload
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
 GET = StudyRootQueryRetrieveInformationModelGet
 MOVE = StudyRootQueryRetrieveInformationModelMove
 CR = ComputedRadiographyImageStorage
-RG1 = ("dicom", "pydicom-data_WG04_RG1")
-SOURCES = {"explicit": "RG1_UNCR.dcm", "j2k": "RG1_J2KR.dcm", "j2k_lossy": "RG1_J2KI.dcm", "rle": "RG1_UNCR.dcm"}
-
-
-@dataclass
-class Study:
-    uid: str
-    files: dict[str, Path] = field(default_factory=dict)  # kind -> file as stored in the node
-
-    def sop(self, kind: str) -> str:
-        return str(dcmread(self.files[kind], stop_before_pixels=True).SOPInstanceUID)
 
 
 @pytest.fixture(scope="module")
 def make_study(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Study]:
-    """A study of RG1 images in the given encodings (new UIDs, one series) and a Basic Text SR report."""
+    """A study of RG1 images in the given encodings and a Basic Text SR report (rg1_study)."""
     folder = tmp_path_factory.mktemp("rg1")
-
-    def make(*kinds: str) -> Study:
-        study = Study(generate_uid(prefix=ROOT))
-        series = generate_uid(prefix=ROOT)
-        for kind in kinds:
-            ds = dcmread(shared_data.joinpath(*RG1, SOURCES[kind]))
-            if kind == "rle":
-                ds.compress(RLELossless)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study.uid, series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=ROOT)
-            study.files[kind] = folder / f"{ds.SOPInstanceUID}.dcm"
-            ds.save_as(study.files[kind], enforce_file_format=True)
-        report = basic_text_sr(study.uid, "9RG1", "", "Lungs are clear.", "No acute disease.")
-        study.files["sr"] = folder / f"{report.SOPInstanceUID}.dcm"
-        report.save_as(study.files["sr"], enforce_file_format=True)
-        return study
-
-    return make
+    return lambda *kinds: rg1_study(shared_data, folder, *kinds)
 
 
 @pytest.fixture()
 def serve(start_node: Callable[..., Node]) -> Callable[..., Node]:
     """A node whose embedding job does not run: these tests are about transfer, not about the index."""
     return lambda **sections: start_node(scheduler={"interval_s": 3600}, **sections)
-
-
-def upload(node: Node, study: Study) -> None:
-    """C-STORE each file in its own transfer syntax (pynetdicom as the modality)."""
-    ae = AE("PACS")
-    for path in study.files.values():
-        ds = dcmread(path, stop_before_pixels=True)
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
-    assert assoc.is_established
-    for path in study.files.values():
-        assert assoc.send_c_store(path).Status == Status.SUCCESS
-    assoc.release()
 
 
 @pytest.fixture()
@@ -142,42 +97,11 @@ def getscu(node: Node, out: Path, *keys: str, options: tuple[str, ...] = ()) -> 
                  "127.0.0.1", node.port, timeout=120)
 
 
-def by_sop(folder: Path) -> dict[str, Dataset]:
-    return {str(ds.SOPInstanceUID): ds for ds in map(dcmread, folder.iterdir())}
-
-
 def logged_about(caplog: pytest.LogCaptureFixture, uid: str) -> list[logging.LogRecord]:
     """The node's log records that name ``uid``, and any warning from pynetdicom that does (the node's
     configuration shows pynetdicom's warnings only)."""
     return [r for r in caplog.records if uid in r.getMessage()
             and (r.name.startswith("dicom_node") or r.levelno >= logging.WARNING)]
-
-
-def assert_decoded_whole(study: Study, received: dict[str, Dataset]) -> None:
-    """Every instance arrived uncompressed, its pixels those of the decoded original; lossy stays marked."""
-    assert set(received) == {study.sop(kind) for kind in study.files}
-    for kind, path in study.files.items():
-        original, got = dcmread(path), received[study.sop(kind)]
-        assert got.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        if kind == "sr":
-            assert got.ContentSequence == original.ContentSequence
-            continue
-        assert np.array_equal(got.pixel_array, original.pixel_array), kind
-        if kind == "j2k_lossy":
-            assert got.LossyImageCompression == "01" and got.LossyImageCompressionMethod == "ISO_15444_1"
-            assert got.LossyImageCompressionRatio == original.LossyImageCompressionRatio
-        else:
-            assert got.get("LossyImageCompression", "00") == "00"
-
-
-def assert_as_stored(study: Study, received: dict[str, Dataset]) -> None:
-    """Every instance arrived in its stored transfer syntax with its stored pixel data bytes."""
-    assert set(received) == {study.sop(kind) for kind in study.files}
-    for kind, path in study.files.items():
-        original, got = dcmread(path), received[study.sop(kind)]
-        assert got.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID, kind
-        if kind != "sr":
-            assert got.PixelData == original.PixelData, kind
 
 
 # -- what a retrieve must name ------------------------------------------------------------------------
