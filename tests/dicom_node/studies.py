@@ -1,7 +1,7 @@
 """A real study in several encodings, how to put it into a node, and checks on what a retrieve delivered.
 
-Images: the NEMA WG04 chest radiograph RG1 (../shared/data/dicom) as stored uncompressed, JPEG 2000
-lossless and JPEG 2000 lossy, and an RLE copy made here.
+Images (../shared/data/dicom): the NEMA WG04 chest radiograph RG1 as stored uncompressed, JPEG 2000
+lossless and JPEG 2000 lossy, an RLE copy of it made here, and a JPEG baseline chest radiograph.
 """
 from __future__ import annotations
 
@@ -19,13 +19,23 @@ from dicom_node.server import Node
 from dicom_node.status import Status
 from tests.dicom_node.builders import ROOT, basic_text_sr
 
-RG1 = ("dicom", "pydicom-data_WG04_RG1")
-SOURCES = {"explicit": "RG1_UNCR.dcm", "j2k": "RG1_J2KR.dcm", "j2k_lossy": "RG1_J2KI.dcm", "rle": "RG1_UNCR.dcm"}
+RG1 = "dicom/pydicom-data_WG04_RG1"
+SOURCES = {  # kind -> file under ../shared/data
+    "explicit": f"{RG1}/RG1_UNCR.dcm",
+    "j2k": f"{RG1}/RG1_J2KR.dcm",
+    "j2k_lossy": f"{RG1}/RG1_J2KI.dcm",
+    "rle": f"{RG1}/RG1_UNCR.dcm",
+    # a JPEG baseline Secondary Capture chest radiograph (lossy, marked so in the file)
+    "jpeg": "dicom/torchxrayvision_tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+}
+
+
+LOSSY = {"j2k_lossy": "ISO_15444_1", "jpeg": "ISO_10918_1"}  # kind -> LossyImageCompressionMethod
 
 
 @dataclass
 class Study:
-    """A study as files, by kind ("explicit", "j2k", "j2k_lossy", "rle", "sr")."""
+    """A study as files, by kind (a key of SOURCES, or "sr")."""
 
     uid: str
     files: dict[str, Path] = field(default_factory=dict)  # kind -> file as stored in the node
@@ -35,12 +45,12 @@ class Study:
 
 
 def rg1_study(shared_data: Path, folder: Path, *kinds: str) -> Study:
-    """A study of RG1 images in the given encodings (new UIDs, one series) and a Basic Text SR report;
-    "rle" is the uncompressed image encoded here with pydicom's RLE encoder."""
+    """A study of the given kinds of image (new UIDs, one series) and a Basic Text SR report; "rle" is RG1
+    encoded here with pydicom's RLE encoder."""
     study = Study(generate_uid(prefix=ROOT))
     series = generate_uid(prefix=ROOT)
     for kind in kinds:
-        ds = dcmread(shared_data.joinpath(*RG1, SOURCES[kind]))
+        ds = dcmread(shared_data / SOURCES[kind])
         if kind == "rle":
             ds.compress(RLELossless)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study.uid, series
@@ -80,9 +90,11 @@ def assert_decoded_whole(study: Study, received: dict[str, Dataset]) -> None:
             assert got.ContentSequence == original.ContentSequence
             continue
         assert np.array_equal(got.pixel_array, original.pixel_array), kind
-        if kind == "j2k_lossy":
-            assert got.LossyImageCompression == "01" and got.LossyImageCompressionMethod == "ISO_15444_1"
-            assert got.LossyImageCompressionRatio == original.LossyImageCompressionRatio
+        if kind in LOSSY:
+            assert got.LossyImageCompression == "01" and got.LossyImageCompressionMethod == LOSSY[kind]
+            # the file's own ratio, else the ratio of this compression
+            ratio = original.get("LossyImageCompressionRatio", len(got.PixelData) / len(original.PixelData))
+            assert abs(float(got.LossyImageCompressionRatio) - float(ratio)) < 0.01, kind
         else:
             assert got.get("LossyImageCompression", "00") == "00"
 
