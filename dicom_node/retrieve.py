@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -28,6 +29,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import STATUS_FAILURE, code_to_category
 
 from dicom_node.errors import NodeError
 from dicom_node.sop_classes import UNCOMPRESSED
@@ -48,13 +50,15 @@ LOSSY_METHOD = {
     JPEGLSNearLossless: "ISO_14495_1",
     JPEG2000: "ISO_15444_1",
 }
+C_STORE_RSP = 0x8001  # CommandField (PS3.7 E.1)
 MAX_CONTEXTS = 128  # PS3.8: presentation contexts one association may propose
 
 
 @dataclass(frozen=True)
 class Stored:
-    """One stored instance a retrieve sends: its file (relative to the store) and how it is encoded."""
+    """One stored instance a retrieve sends: its UID, its file (relative to the store), how it is encoded."""
 
+    sop_uid: str
     path: str
     sop_class: str
     transfer_syntax: str
@@ -129,15 +133,15 @@ def _uncompressed(ds: Dataset) -> Dataset:
     return ds
 
 
-def how_to_send(stored_syntax: str, accepted: set[str]) -> str | None:
-    """"as stored", "decoded", or None when nothing the receiver accepted can carry this instance.
-
-    pynetdicom itself converts between uncompressed syntaxes (explicit/implicit VR, deflated)."""
-    syntax = UID(stored_syntax)
+def for_receiver(ds: Dataset, accepted: set[str]) -> Dataset | None:
+    """``ds`` as the receiver can take it: as stored when it accepted the stored syntax (or, for an
+    uncompressed instance, any uncompressed one: pynetdicom converts), else decoded when it accepted an
+    uncompressed syntax; None when it accepted neither."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
     if syntax in accepted or (not syntax.is_compressed and any(not UID(ts).is_compressed for ts in accepted)):
-        return "as stored"
+        return ds
     if set(UNCOMPRESSED) & accepted:
-        return "decoded"
+        return _uncompressed(ds)
     return None
 
 
@@ -193,40 +197,44 @@ class Receiver:
     def check_response(self, event: Event) -> None:
         """EVT_DIMSE_RECV: note and log (once) each C-STORE sub-operation the receiver answered with a failure."""
         command = event.message.command_set
-        if command.get("CommandField") != 0x8001:  # C-STORE-RSP
+        if command.get("CommandField") != C_STORE_RSP or code_to_category(command.Status) != STATUS_FAILURE:
             return
-        code = int(command.Status)
-        if code >= 0xA000 and code not in (0xB000, 0xB006, 0xB007):  # failure, not warning (PS3.4 B.2.3)
-            uid = str(command.get("AffectedSOPInstanceUID", ""))
-            self.failed.append(uid)
-            LOG.warning("C-STORE sub-operation to %s failed with 0x%04X: SOP instance %s", self.peer, code, uid)
+        uid = str(command.get("AffectedSOPInstanceUID", ""))
+        self.failed.append(uid)
+        LOG.warning("C-STORE sub-operation to %s failed with 0x%04X: SOP instance %s", self.peer, command.Status, uid)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         return [(evt.EVT_ACCEPTED, self.capture), (evt.EVT_DIMSE_RECV, self.check_response)]
 
 
-def send(event: Event, receiver: Receiver, absolute: Any, instances: list[Stored]) -> Iterator[tuple[Any, Any]]:
+def send(event: Event, receiver: Receiver, absolute: Callable[[str], Path],
+         instances: list[Stored]) -> Iterator[tuple[Any, Any]]:
     """The (status, dataset) yields of a C-MOVE or C-GET after its count: each instance read from disk as
-    it goes, in a syntax the receiver accepted; those it cannot take are failed at the end, each logged once."""
-    assert receiver.assoc is not None
+    it goes, in a syntax the receiver accepted. One the receiver cannot take, or that cannot be read or
+    decoded, is logged once and counted failed at the end (pynetdicom counts what was not yielded)."""
+    if receiver.assoc is None:
+        raise NodeError("retrieve: no association to send on")
     accepted = accepted_syntaxes(receiver.assoc)
-    unsendable: list[str] = []
+    not_sent: list[str] = []
     for stored in instances:
         if event.is_cancelled:
             yield Status.CANCEL, None
             return
-        how = how_to_send(stored.transfer_syntax, accepted.get(stored.sop_class, set()))
-        ds = dcmread(absolute(stored.path))
-        if how is None:
-            unsendable.append(str(ds.SOPInstanceUID))
-            LOG.warning("C-STORE sub-operation to %s not attempted: no accepted context for %s in %s or "
-                        "uncompressed: SOP instance %s", receiver.peer, UID(stored.sop_class).name,
-                        UID(stored.transfer_syntax).name, ds.SOPInstanceUID)
+        try:
+            ds = for_receiver(dcmread(absolute(stored.path)), accepted.get(stored.sop_class, set()))
+        except Exception as error:  # a damaged file or codestream can raise many error types in pydicom/plugins
+            ds, reason = None, f"cannot be read or decoded ({type(error).__name__})"
+        else:
+            reason = f"no accepted context for {UID(stored.sop_class).name} in {UID(stored.transfer_syntax).name}" \
+                " or uncompressed"
+        if ds is None:
+            not_sent.append(stored.sop_uid)
+            LOG.warning("C-STORE sub-operation to %s not attempted: SOP instance %s: %s", receiver.peer,
+                        stored.sop_uid, reason)
             continue
-        yield Status.PENDING, (_uncompressed(ds) if how == "decoded" else ds)
-    if unsendable:
-        # pynetdicom counts the instances not yielded as failed; the list names every failed one.
+        yield Status.PENDING, ds
+    if not_sent:
         failed = Dataset()
-        failed.FailedSOPInstanceUIDList = receiver.failed + unsendable
-        some_sent = len(unsendable) + len(receiver.failed) < len(instances)
+        failed.FailedSOPInstanceUIDList = receiver.failed + not_sent
+        some_sent = len(not_sent) + len(receiver.failed) < len(instances)
         yield Status.SUB_OPERATIONS_WITH_FAILURES if some_sent else Status.UNABLE_TO_PERFORM_SUB_OPERATIONS, failed

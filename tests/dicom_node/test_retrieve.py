@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
     RLELossless,
+    generate_uid,
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -40,6 +42,7 @@ from pynetdicom.sop_class import (
 from dicom_node.server import Node
 from dicom_node.status import Status
 from indexer.schema import Instance
+from tests.dicom_node.builders import ROOT
 from tests.dicom_node.studies import Study, assert_as_stored, assert_decoded_whole, by_sop, rg1_study, upload
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
@@ -332,6 +335,31 @@ def test_unsendable_instance_fails_alone_and_is_logged_once(serve: Callable[...,
     failures = logged_about(caplog, study.sop("rle"))
     assert len(failures) == 1 and failures[0].levelno == logging.WARNING
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_undecodable_instance_fails_alone_and_is_logged_once(serve: Callable[..., Node],
+                                                             make_study: Callable[..., Study], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A stored JPEG 2000 instance whose codestream is not an image, asked for uncompressed: it fails
+    alone (logged once by the node, no traceback from the node or pynetdicom), the rest of the study arrives."""
+    node = serve()
+    study = make_study("explicit")
+    broken = dcmread(study.files["explicit"])
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=ROOT)
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream" * 10])
+    broken["PixelData"].VR = "OB"
+    broken.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    study.files["broken"] = tmp_path / "broken.dcm"
+    broken.save_as(study.files["broken"], enforce_file_format=True)
+    upload(node, study)
+    requestor = GetRequestor([(CR, [ExplicitVRLittleEndian]), (BasicTextSRStorage, [ExplicitVRLittleEndian])])
+    caplog.set_level(logging.INFO)
+    final = requestor.get(node, study.uid)[-1]
+    assert final.Status == Status.SUB_OPERATIONS_WITH_FAILURES and final.NumberOfFailedSuboperations == 1
+    assert set(requestor.received) == {study.sop("explicit"), study.sop("sr")}
+    assert len(logged_about(caplog, study.sop("broken"))) == 1
+    # (pydicom itself logs each decoding plugin's failure with its traceback; the node adds none)
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith(("dicom_node", "pynetdicom")))
 
 
 def test_failure_answered_by_the_move_destination_is_logged_once(serve: Callable[..., Node],
