@@ -166,6 +166,8 @@ def test_pynetdicom_get_and_move_must_name_what_they_take(serve: Callable[..., N
 
 def test_dcmtk_get_and_move_must_name_what_they_take(serve: Callable[..., Node], make_study: Callable[..., Study],
                                                      storescp: Callable[..., tuple[int, Path]], tmp_path: Path) -> None:
+    """getscu and movescu without the unique key get 0xA900 and nothing; findscu then getscu by the UID found
+    retrieves the study."""
     port, out = storescp("+xa")
     node = serve(peers=workstation(port))
     study = make_study("explicit")
@@ -178,8 +180,15 @@ def test_dcmtk_get_and_move_must_name_what_they_take(serve: Callable[..., Node],
         moved = movescu(node, *keys)
         assert "DataSetDoesNotMatchSOPClass" in moved.stderr, moved.stderr
     assert list((tmp_path / "got").iterdir()) == [] and list(out.iterdir()) == []
-    # The same tools with the unique key retrieve the study.
-    assert getscu(node, tmp_path / "got", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study.uid}").returncode == 0
+    # A viewer's way: findscu finds the study by patient, getscu retrieves it by the UID found.
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    found = dcmtk("findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_NODE", "-X", "-od", answers, "-k",
+                  "QueryRetrieveLevel=STUDY", "-k", "PatientID=9RG1", "-k", "StudyInstanceUID", "127.0.0.1", node.port)
+    assert found.returncode == 0, found.stderr
+    (answer,) = [dcmread(p) for p in answers.iterdir()]
+    got = getscu(node, tmp_path / "got", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={answer.StudyInstanceUID}")
+    assert got.returncode == 0, got.stderr
     assert set(by_sop(tmp_path / "got")) == {study.sop("explicit"), study.sop("sr")}
 
 
