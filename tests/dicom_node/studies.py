@@ -44,7 +44,7 @@ class Study:
         return str(dcmread(self.files[kind], stop_before_pixels=True).SOPInstanceUID)
 
 
-def rg1_study(shared_data: Path, folder: Path, *kinds: str) -> Study:
+def sample_study(shared_data: Path, folder: Path, *kinds: str) -> Study:
     """A study of the given kinds of image (new UIDs, one series) and a Basic Text SR report; "rle" is RG1
     encoded here with pydicom's RLE encoder."""
     study = Study(generate_uid(prefix=ROOT))

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from dicom_node.server import Node
 from dicom_node.status import Status
 from tests.dicom_node.builders import ROOT, basic_text_sr, dx_from_png, save
-from tests.dicom_node.studies import Study, assert_as_stored, by_sop, rg1_study, upload
+from tests.dicom_node.studies import Study, assert_as_stored, by_sop, sample_study, upload
 from tests.helpers import free_port, wait_until
 
 PEER = Path(__file__).resolve().parents[1] / "dcmjs"
@@ -79,7 +79,7 @@ def mixed_study(start_node: Callable[..., Node], shared_data: Path,
     def start(**sections: Any) -> tuple[Node, Study]:
         node = start_node(scheduler={"interval_s": 3600}, **sections)
         (tmp_path / "study").mkdir()
-        study = rg1_study(shared_data, tmp_path / "study", "explicit", "j2k", "rle")
+        study = sample_study(shared_data, tmp_path / "study", "explicit", "j2k", "rle")
         upload(node, study)
         return node, study
     return start

@@ -43,7 +43,7 @@ from dicom_node.server import Node
 from dicom_node.status import Status
 from indexer.schema import Instance
 from tests.dicom_node.builders import ROOT
-from tests.dicom_node.studies import Study, assert_as_stored, assert_decoded_whole, by_sop, rg1_study, upload
+from tests.dicom_node.studies import Study, assert_as_stored, assert_decoded_whole, by_sop, sample_study, upload
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
 GET = StudyRootQueryRetrieveInformationModelGet
@@ -53,9 +53,9 @@ CR = ComputedRadiographyImageStorage
 
 @pytest.fixture(scope="module")
 def make_study(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Study]:
-    """A study of RG1 images in the given encodings and a Basic Text SR report (rg1_study)."""
+    """A study of the given kinds of image and a Basic Text SR report (sample_study)."""
     folder = tmp_path_factory.mktemp("rg1")
-    return lambda *kinds: rg1_study(shared_data, folder, *kinds)
+    return lambda *kinds: sample_study(shared_data, folder, *kinds)
 
 
 @pytest.fixture()
