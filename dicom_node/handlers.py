@@ -8,6 +8,7 @@ import functools
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -17,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import build_context
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
@@ -26,8 +27,17 @@ from dicom_node.identifiers import instance_values, response, series_values, stu
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import Metrics
 from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
+from dicom_node.retrieve import (
+    HeldSyntaxes,
+    Receiver,
+    Stored,
+    offered_contexts,
+    prefer_stored_syntax,
+    retrieve_keys,
+    send,
+)
 from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
-from dicom_node.sop_classes import UNCOMPRESSED
+from dicom_node.sop_classes import VERIFICATION
 from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
 from indexer.catalog import AddOutcome, Catalog
@@ -47,6 +57,7 @@ class Services:
     ingestor: Ingestor
     index: VectorIndex
     metrics: Metrics
+    held: HeldSyntaxes
 
 
 def status(code: Status, comment: str = "") -> Dataset:
@@ -88,6 +99,28 @@ def handle_requested(event: Event, services: Services) -> None:
         _reject(event, REJECT_NO_RESOURCES)
     else:
         event.assoc.acceptor.ae_title = called
+        prefer_stored_syntax(event.assoc, services.held)
+
+
+REJECTION_REASONS = {0x01: "user rejection", 0x02: "no reason", 0x03: "abstract syntax not supported",
+                     0x04: "transfer syntaxes not supported"}
+
+
+def handle_accepted(event: Event) -> None:
+    """Log the presentation contexts the node rejected, one line per association: AE titles, SOP classes and
+    reasons, no patient data. Storage classes a C-GET requestor offers to receive are routine (INFO)."""
+    offered_for_get = {uid for uid, role in event.assoc.requestor.role_selection.items() if role.scp_role}
+    rejected: dict[str, list[str]] = {}
+    routine = True
+    for context in event.assoc.rejected_contexts:
+        reason = REJECTION_REASONS.get(context.result, f"result {context.result}")
+        rejected.setdefault(reason, []).append(context.abstract_syntax.name)
+        routine = routine and context.abstract_syntax in offered_for_get
+    if rejected:
+        LOG.log(logging.INFO if routine else logging.WARNING,
+                "association %s -> %s: %d presentation contexts rejected: %s", calling_ae(event), called_ae(event),
+                len(event.assoc.rejected_contexts),
+                "; ".join(f"{reason}: {', '.join(names)}" for reason, names in rejected.items()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -107,6 +140,27 @@ def _reject(event: Event, reason: tuple[int, int, int]) -> None:
     """A-ASSOCIATE-RJ, then stop the association the way pynetdicom's own rejections do (kill flushes the PDU)."""
     event.assoc.acse.send_reject(*reason)
     event.assoc.kill()
+
+
+_ABORTING: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def handle_pdu_received(event: Event) -> None:
+    """A P-DATA-TF on a presentation context the node did not accept (e.g. a CT image sent on the
+    rejected CT context): logged, dropped before pynetdicom decodes it (its chunked receive would fail
+    with a traceback and leave the association to the watchdog), and the association aborted at once."""
+    items = getattr(event.pdu, "presentation_data_value_items", None)
+    if not items:
+        return
+    accepted = {context.context_id for context in event.assoc.accepted_contexts}
+    refused = sorted({item.presentation_context_id for item in items} - accepted)
+    if refused:
+        items.clear()
+        if event.assoc not in _ABORTING:  # later PDUs may arrive before the abort goes out
+            _ABORTING.add(event.assoc)
+            LOG.warning("association %s -> %s aborted: data sent on presentation context %s, which was not "
+                        "accepted", calling_ae(event), called_ae(event), ", ".join(map(str, refused)))
+            event.assoc.abort(block=False)
 
 
 def handle_connection_open(event: Event) -> None:
@@ -147,6 +201,7 @@ def handle_store(event: Event, services: Services) -> Dataset:
         services.metrics.failed(f"store_{result.status.name.lower()}")
     elif result.outcome is AddOutcome.STORED:
         services.metrics.stored(calling_ae(event), result.size)
+        services.held.add(event.context.abstract_syntax, event.context.transfer_syntax)
     return status(result.status, result.comment)
 
 
@@ -215,57 +270,56 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
     LOG.info("C-FIND from %s at %s level: %d matches", calling_ae(event), level, count)
 
 
-def _instances(services: Services, identifier: Dataset) -> list[tuple[str, str, str]]:
+def _instances(event: Event, services: Services) -> list[Stored]:
+    """The stored instances a C-MOVE or C-GET names by its unique keys; NodeError when it names none properly."""
+    keys = retrieve_keys(event.identifier)
     with services.catalog.session() as session:
-        return matching_instances(session, identifier)
+        return [Stored(*row) for row in matching_instances(session, keys)]
 
 
-def _send(event: Event, services: Services, instances: list[tuple[str, str, str]]) -> Iterator[Answer]:
-    """One pending answer per stored instance, read from disk as it goes."""
-    for path, _, _ in instances:
-        if event.is_cancelled:
-            yield Status.CANCEL, None
-            return
-        yield Status.PENDING, dcmread(services.store.absolute(path))
-
-
-def store_contexts(instances: list[tuple[str, str, str]]) -> list[PresentationContext]:
-    """Presentation contexts for sending these instances: their own transfer syntax, or any uncompressed one."""
-    syntaxes: dict[str, set[str]] = {}
-    for _, sop_class, transfer_syntax in instances:
-        wanted = set(UNCOMPRESSED) if transfer_syntax in UNCOMPRESSED else {transfer_syntax}
-        syntaxes.setdefault(sop_class, set()).update(wanted)
-    return [build_context(sop_class, sorted(ts)) for sop_class, ts in sorted(syntaxes.items())][:128]
+def _refuse_retrieve(event: Event, services: Services, operation: str, error: NodeError) -> Answer:
+    LOG.warning("%s from %s refused: %s", operation, calling_ae(event), error)
+    services.metrics.failed(f"{operation.lower().replace('-', '_')}_identifier")
+    return status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
 
 
 def handle_move(event: Event, services: Services) -> Iterator[Any]:
-    """C-MOVE to a configured peer only; every stored instance under the match is sent."""
+    """C-MOVE to a configured peer only, of what the request names by unique keys."""
     peer = services.settings.peer(event.move_destination)
     if peer is None:
         LOG.warning("C-MOVE from %s to unknown destination refused", calling_ae(event))
         yield None, None
         return
     try:
-        instances = _instances(services, event.identifier)
+        instances = _instances(event, services)
     except NodeError as error:
-        yield peer.host, peer.port
+        # pynetdicom answers a C-MOVE only after associating with its destination: a Verification-only
+        # association, on which nothing is sent, released after the refusal.
+        yield peer.host, peer.port, {"contexts": [build_context(VERIFICATION)], "evt_handlers": NO_DELAY}
         yield 1
-        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        yield _refuse_retrieve(event, services, "C-MOVE", error)
         return
     LOG.info("C-MOVE from %s to %s: %d instances", calling_ae(event), peer.ae_title, len(instances))
-    yield peer.host, peer.port, {"contexts": store_contexts(instances), "evt_handlers": NO_DELAY}
+    receiver = Receiver(peer.ae_title)
+    yield peer.host, peer.port, {"contexts": offered_contexts(instances),
+                                 "evt_handlers": [*NO_DELAY, *receiver.handlers()]}
     yield len(instances)
-    yield from _send(event, services, instances)
+    yield from send(event, receiver, services.store.absolute, instances)
 
 
 def handle_get(event: Event, services: Services) -> Iterator[Any]:
-    """C-GET: the stored instances under the match, sent back on the same association."""
+    """C-GET: what the request names by unique keys, sent back on the same association."""
     try:
-        instances = _instances(services, event.identifier)
+        instances = _instances(event, services)
     except NodeError as error:
         yield 1
-        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        yield _refuse_retrieve(event, services, "C-GET", error)
         return
     LOG.info("C-GET from %s: %d instances", calling_ae(event), len(instances))
+    receiver = Receiver(calling_ae(event), event.assoc)
     yield len(instances)
-    yield from _send(event, services, instances)
+    event.assoc.bind(evt.EVT_DIMSE_RECV, receiver.check_response)
+    try:
+        yield from send(event, receiver, services.store.absolute, instances)
+    finally:
+        event.assoc.unbind(evt.EVT_DIMSE_RECV, receiver.check_response)

@@ -130,11 +130,12 @@ def study_summary(session: Session, study_pks: list[int]) -> dict[int, tuple[str
             for pk, mods, n_series, n_inst in rows}
 
 
-def matching_instances(session: Session, identifier: Dataset) -> list[tuple[str, str, str]]:
-    """(path, SOP Class UID, transfer syntax) of every instance under what ``identifier`` matches."""
+def matching_instances(session: Session, identifier: Dataset) -> list[tuple[str, str, str, str]]:
+    """(SOP Instance UID, path, SOP Class UID, transfer syntax) of every instance under what ``identifier``
+    matches."""
     level = query_level(identifier)
     matched = build_query(identifier, level).with_only_columns(MODEL_OF_LEVEL[level].id).order_by(None)
-    stmt = select(Instance.path, Instance.sop_class_uid, Instance.transfer_syntax).join(
+    stmt = select(Instance.sop_uid, Instance.path, Instance.sop_class_uid, Instance.transfer_syntax).join(
         Series, Instance.series_pk == Series.id
     )
     if level == "STUDY":

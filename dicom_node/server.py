@@ -16,16 +16,19 @@ from config.settings import Settings, TlsSettings
 from dicom_node.handlers import (
     NO_DELAY,
     Services,
+    handle_accepted,
     handle_echo,
     handle_find,
     handle_get,
     handle_move,
+    handle_pdu_received,
     handle_requested,
     handle_store,
 )
 from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import CatalogCollector, Metrics, MetricsServer, health
+from dicom_node.retrieve import HeldSyntaxes
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
 from dicom_node.watchdog import AssociationWatchdog
@@ -99,7 +102,7 @@ class Node:
         self.metrics = Metrics()
         self.metrics.registry.register(CatalogCollector(self.catalog, lambda: len(self.index)))
         self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index,
-                                 self.metrics)
+                                 self.metrics, HeldSyntaxes(self.catalog.held_syntaxes()))
         self.job = EmbeddingJob(
             self.catalog,
             self.index,
@@ -128,6 +131,8 @@ class Node:
         handlers = [
             *NO_DELAY,
             (evt.EVT_REQUESTED, handle_requested, [services]),
+            (evt.EVT_ACCEPTED, handle_accepted),
+            (evt.EVT_PDU_RECV, handle_pdu_received),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [services]),
             (evt.EVT_C_FIND, handle_find, [services]),

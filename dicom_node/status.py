@@ -20,6 +20,8 @@ class Status(enum.IntEnum):
     UNKNOWN_STUDY = 0xC101  # similar-case query names a study this node does not hold
     STUDY_NOT_INDEXED = 0xC102  # the study is held but has no vector yet
     MOVE_DESTINATION_UNKNOWN = 0xA801
+    UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # no sub-operation succeeded
+    SUB_OPERATIONS_WITH_FAILURES = 0xB000  # warning: some sub-operations failed
 
 
 # Association rejection (PS3.8 9.3.4): (result, source, diagnostic)

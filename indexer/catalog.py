@@ -387,6 +387,12 @@ class Catalog:
         with self._sessions() as session:
             return {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(pks)))}
 
+    def held_syntaxes(self) -> list[tuple[str, str]]:
+        """Each (SOP Class UID, transfer syntax) pair the node holds instances in (read once at start)."""
+        with self._sessions() as session:
+            return [tuple(row) for row in session.execute(
+                select(Instance.sop_class_uid, Instance.transfer_syntax).distinct())]
+
     def state_counts(self) -> dict[str, int]:
         """How many images and reports are in each state, e.g. {"image.pending": 3}."""
         counts: dict[str, int] = {}
