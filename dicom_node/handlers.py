@@ -170,6 +170,9 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
                 else Status.STUDY_NOT_INDEXED if isinstance(error, NotIndexedError)
                 else Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
         services.metrics.failed(f"similar_{code.name.lower()}")
+        # The reasons name UIDs and option values, never patient data (UnknownStudyError omits accession numbers).
+        LOG.warning("similar-case query from %s to %s refused with 0x%04X: %s", calling_ae(event), called_ae(event),
+                    code, error)
         yield status(code, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
