@@ -286,6 +286,8 @@ def test_similar_min_score(loaded: Node, studies: list[dict[str, object]]) -> No
     assert [a.StudyInstanceUID for a in answers] == [a.StudyInstanceUID for a in everything[:2]]
     _, final = find(loaded, similar_query(studies[0]["uid"], min_score=("DS", "1.5")), "MMDL_SIMILAR")
     assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "minimum score" in final.ErrorComment
+    _, final = find(loaded, similar_query(studies[0]["uid"], min_score=("DS", ["0.1", "0.2"])), "MMDL_SIMILAR")
+    assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "takes one value" in final.ErrorComment
 
 
 def test_similar_findings_filter_in_both_vrs_and_encodings(loaded: Node, studies: list[dict[str, object]]) -> None:
