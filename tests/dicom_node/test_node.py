@@ -39,6 +39,7 @@ from dicom_node.status import Status
 from indexer.catalog import to_blob
 from indexer.schema import Instance, Study
 from models.observations import OBSERVATIONS
+from tests.conftest import REPO_ROOT
 from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
@@ -290,7 +291,8 @@ def test_similar_min_score(loaded: Node, studies: list[dict[str, object]]) -> No
     assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "takes one value" in final.ErrorComment
 
 
-def test_similar_findings_filter_in_both_vrs_and_encodings(loaded: Node, studies: list[dict[str, object]]) -> None:
+def test_similar_findings_filter_in_both_vrs_and_encodings(loaded: Node, studies: list[dict[str, object]],
+                                                           tmp_path: Path) -> None:
     set_findings(loaded, studies[1]["uid"], {"Cardiomegaly": 0.95})
     set_findings(loaded, studies[3]["uid"], {"Edema": 0.9, "Enlarged Cardiomediastinum": 0.8})
     for other in (studies[0], studies[2], studies[4]):
@@ -310,6 +312,20 @@ def test_similar_findings_filter_in_both_vrs_and_encodings(loaded: Node, studies
                             "MMDL_SIMILAR", transfer_syntax)
             assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, where
             assert "Dragons" in final.ErrorComment, where
+    # dcmtk's findscu with the project's dictionary entries for the private block (docs/mmdl-similarity.dic).
+    dictionaries = sorted(Path("/usr/share").glob("libdcmtk*/dicom.dic"))
+    assert dictionaries, "dcmtk's data dictionary (Debian: /usr/share/libdcmtk*/dicom.dic) not found"
+    out = tmp_path / "filtered"
+    out.mkdir()
+    result = subprocess.run(
+        ["findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "-X", "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies[0]['uid']}",
+         "-k", f"(0099,0010)={PRIVATE_CREATOR}", "-k", f"(0099,10{FINDINGS_FILTER:02X})=Edema\\cardiomegaly",
+         "127.0.0.1", str(loaded.port)],
+        capture_output=True, text=True, timeout=60,
+        env={**dcmtk_env(), "DCMDICTPATH": f"{dictionaries[-1]}:{REPO_ROOT / 'docs' / 'mmdl-similarity.dic'}"})
+    assert result.returncode == 0, result.stderr
+    assert {dcmread(p).StudyInstanceUID for p in out.glob("rsp*.dcm")} == {studies[1]["uid"], studies[3]["uid"]}
 
 
 def test_similar_answer_keys_and_description_within_64(loaded: Node, studies: list[dict[str, object]]) -> None:
