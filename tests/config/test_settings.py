@@ -124,11 +124,11 @@ def test_hl7_sources_and_tls_are_validated(tmp_path: Path) -> None:
     settings = load_settings(None)
     assert (settings.hl7.host, settings.hl7.allowed_hosts, settings.hl7.tls.enabled) == ("127.0.0.1", [], False)
     exposed = write(tmp_path, '[hl7]\nenabled = true\nhost = "0.0.0.0"\n')
-    with pytest.raises(ConfigError, match=r"hl7: host '0.0.0.0' listens beyond loopback: name the RIS in allowed_hosts"):
+    with pytest.raises(ConfigError, match=r"hl7: host '0.0.0.0' listens beyond loopback: name the RIS in allowed"):
         load_settings(exposed)
-    listed = load_settings(write(tmp_path, '[hl7]\nenabled = true\nhost = "0.0.0.0"\n'
-                                           'allowed_hosts = ["10.1.2.3", "10.9.0.0/16", "ris.example.org", "fd00::/8"]\n'))
-    assert listed.hl7.allowed_hosts == ["10.1.2.3", "10.9.0.0/16", "ris.example.org", "fd00::/8"]
+    sources = ["10.1.2.3", "10.9.0.0/16", "ris.example.org", "fd00::/8"]
+    listed = load_settings(write(tmp_path, f'[hl7]\nenabled = true\nhost = "0.0.0.0"\nallowed_hosts = {sources}\n'))
+    assert listed.hl7.allowed_hosts == sources
     bad = write(tmp_path, '[hl7]\nallowed_hosts = ["10.1.2.3/8", "10.0.0.300", "ris example"]\n'
                           '[hl7.tls]\nenabled = true\ncertificate = "missing.crt"\n')
     with pytest.raises(ConfigError) as caught:
