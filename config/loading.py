@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from config.settings import Settings
+from config.settings import Settings, TlsSettings
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -49,28 +51,35 @@ def settings_from_mapping(data: dict[str, Any], source: str = "<settings>", base
         raise ConfigError(source, _problems(error)) from None
     if base_dir is None:
         return settings
-    paths = {"node": ("data_dir",), "model": ("path",), "tls": ("certificate", "private_key", "ca_certificates")}
-    changes: dict[str, Any] = {}
-    for section_name, keys in paths.items():
-        section = getattr(settings, section_name)
-        update = {key: (base_dir / value).resolve() for key in keys
-                  if (value := getattr(section, key)) is not None and not value.is_absolute()}
-        if update:
-            changes[section_name] = section.model_copy(update=update)
-    settings = settings.model_copy(update=changes)
-    _check_files(settings, source)
+    resolved = {
+        "node": _resolved(settings.node, ("data_dir",), base_dir),
+        "model": _resolved(settings.model, ("path",), base_dir),
+        "tls": _resolved(settings.tls, _TLS_FILES, base_dir),
+        "hl7": settings.hl7.model_copy(update={"tls": _resolved(settings.hl7.tls, _TLS_FILES, base_dir)}),
+    }
+    settings = settings.model_copy(update=resolved)
+    missing = _missing_files("tls", settings.tls) + _missing_files("hl7.tls", settings.hl7.tls)
+    if missing:
+        raise ConfigError(source, missing)
     return settings
 
 
-def _check_files(settings: Settings, source: str) -> None:
-    """Files the settings name must exist (checked after paths are resolved)."""
-    tls = settings.tls
+_TLS_FILES = ("certificate", "private_key", "ca_certificates")
+
+
+def _resolved(section: SectionT, keys: tuple[str, ...], base_dir: Path) -> SectionT:
+    """``section`` with its relative paths under ``keys`` taken from ``base_dir``."""
+    update = {key: (base_dir / value).resolve() for key in keys
+              if (value := getattr(section, key)) is not None and not value.is_absolute()}
+    return section.model_copy(update=update) if update else section
+
+
+def _missing_files(prefix: str, tls: TlsSettings) -> list[str]:
+    """The files an enabled TLS section names that do not exist (checked after paths are resolved)."""
     if not tls.enabled:
-        return
-    missing = [f"tls.{key}: file not found, got '{path}'" for key in ("certificate", "private_key", "ca_certificates")
-               if (path := getattr(tls, key)) is not None and not path.is_file()]
-    if missing:
-        raise ConfigError(source, missing)
+        return []
+    return [f"{prefix}.{key}: file not found, got '{path}'" for key in _TLS_FILES
+            if (path := getattr(tls, key)) is not None and not path.is_file()]
 
 
 def load_settings(path: str | Path | None) -> Settings:

@@ -1,6 +1,7 @@
 """The node's settings: one validated object, built from one TOML file or from the defaults."""
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -130,14 +131,57 @@ class QuerySettings(_Section):
         return self
 
 
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")  # RFC 1123 labels, dot-separated
+
+
+def _check_source(value: str) -> str:
+    """An allowed source: an IP address, a network in CIDR notation (no host bits set) or a host name."""
+    text = value.strip()
+    if "/" in text:
+        try:
+            ipaddress.ip_network(text)
+        except ValueError as error:
+            raise ValueError(f"not a network in CIDR notation ({error})") from None
+        return text
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(text) or text.replace(".", "").isdigit():
+        raise ValueError("must be an IP address, a CIDR network (10.1.2.0/24) or a host name")
+    return text
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) names this machine's loopback interface."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Hl7Settings(_Section):
-    """The MLLP listener for HL7 v2 ORU^R01 reports from the RIS."""
+    """The MLLP listener for HL7 v2 ORU^R01 reports from the RIS.
+
+    ``allowed_hosts`` lists the peers admitted; empty admits loopback peers only, so listening beyond
+    loopback with an empty list would admit nobody from the network and is refused at load."""
 
     enabled: bool = False
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: Port = 2575
+    allowed_hosts: list[Annotated[str, AfterValidator(_check_source)]] = []
     accession_field: Literal["OBR-3", "OBR-18"] = "OBR-3"  # where the RIS puts the Accession Number
     max_message_kb: Annotated[int, Field(ge=1, le=65536)] = 1024
+    tls: TlsSettings = TlsSettings()
+
+    @model_validator(mode="after")
+    def _sources_when_exposed(self) -> Hl7Settings:
+        if self.enabled and not is_loopback(self.host) and not self.allowed_hosts:
+            raise ValueError(f"host {self.host!r} listens beyond loopback: name the RIS in allowed_hosts (addresses, "
+                             "host names or CIDR networks); with none only loopback peers would be accepted")
+        return self
 
 
 class MetricsSettings(_Section):

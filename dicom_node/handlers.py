@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from config.settings import Settings
 from dicom_node.errors import NodeError
 from dicom_node.identifiers import instance_values, response, series_values, study_values
-from dicom_node.ingest import Ingestor
+from dicom_node.ingest import IngestResult, Ingestor, read_received
 from dicom_node.metrics import Metrics
 from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
 from dicom_node.retrieve import (
@@ -184,18 +184,17 @@ def handle_store(event: Event, services: Services) -> Dataset:
     the received file afterwards unless it was kept."""
     received = event.dataset_path  # pynetdicom wrote it there as it arrived (chunked receive)
     try:
-        ds = dcmread(received)
-        ds.walk(lambda *_: None)  # decode every element now, so that a malformed one is refused here
-    except Exception as error:  # a malformed encoding can raise many error types inside pydicom
-        LOG.warning("C-STORE from %s: dataset cannot be parsed (%s)", calling_ae(event), type(error).__name__)
-        return status(Status.CANNOT_UNDERSTAND, "dataset cannot be parsed")
-    result = services.ingestor.ingest(
-        ds,
-        received,
-        sop_class_uid=event.context.abstract_syntax,
-        transfer_syntax=event.context.transfer_syntax,
-        calling_ae=calling_ae(event),
-    )
+        ds = read_received(received)
+    except NodeError as error:
+        result = IngestResult(Status.CANNOT_UNDERSTAND, str(error))
+    else:
+        result = services.ingestor.ingest(
+            ds,
+            received,
+            sop_class_uid=event.context.abstract_syntax,
+            transfer_syntax=event.context.transfer_syntax,
+            calling_ae=calling_ae(event),
+        )
     if result.status is not Status.SUCCESS:
         LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae(event), result.status, result.comment)
         services.metrics.failed(f"store_{result.status.name.lower()}")
@@ -225,6 +224,9 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
                 else Status.STUDY_NOT_INDEXED if isinstance(error, NotIndexedError)
                 else Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
         services.metrics.failed(f"similar_{code.name.lower()}")
+        # The reasons name UIDs and option values, never patient data (UnknownStudyError omits accession numbers).
+        LOG.warning("similar-case query from %s to %s refused with 0x%04X: %s", calling_ae(event), called_ae(event),
+                    code, error)
         yield status(code, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))

@@ -6,19 +6,23 @@ until the study arrives when it is not here yet. Errors become NAKs in one place
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import hl7
 
 from config.settings import Hl7Settings
 from dicom_node.errors import NodeError
+from dicom_node.handlers import host_addresses
 from dicom_node.storage import check_uid
 from indexer.catalog import Catalog, ReportAttrs
 
@@ -211,13 +215,55 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
+class SourceFilter:
+    """Which peers may connect: those in ``hl7.allowed_hosts`` (addresses, CIDR networks, host names resolved
+    once, at start), or loopback peers only when the list is empty."""
+
+    def __init__(self, allowed_hosts: list[str]) -> None:
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in allowed_hosts:
+            try:
+                self.networks.append(ipaddress.ip_network(entry))
+                continue
+            except ValueError:  # a host name
+                pass
+            addresses = [ipaddress.ip_network(a) for a in host_addresses(entry) if a != entry]
+            if not addresses:
+                LOG.error("hl7.allowed_hosts: host name %s does not resolve; it admits nobody", entry)
+            self.networks.extend(addresses)
+        self.loopback_only = not allowed_hosts
+
+    def admits(self, address: str) -> bool:
+        peer = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        if self.loopback_only:
+            return peer.is_loopback
+        return any(peer in network for network in self.networks)
+
+
 class _MllpHandler(socketserver.BaseRequestHandler):
     server: MllpServer
 
     def handle(self) -> None:
-        """Read MLLP frames and answer each; a frame over the size limit closes the connection."""
+        """Serve one connection, over TLS when configured (the handshake runs here, not in the accept loop)."""
         sock: socket.socket = self.request
         sock.settimeout(self.server.timeout_s)
+        context = self.server.ssl_context
+        if context is None:
+            self._serve(sock)
+            return
+        try:
+            secured = context.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            LOG.warning("HL7 connection from %s closed: TLS handshake failed (%s)", self.client_address[0],
+                        getattr(error, "reason", None) or type(error).__name__)
+            return
+        with secured:
+            self._serve(secured)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Read MLLP frames and answer each; a frame over the size limit closes the connection."""
         buffer = b""
         while True:
             try:
@@ -240,30 +286,41 @@ class _MllpHandler(socketserver.BaseRequestHandler):
 
 
 class MllpServer(socketserver.ThreadingTCPServer):
-    """A threaded MLLP listener; ``answer`` turns one message into its ACK."""
+    """A threaded MLLP listener; ``answer`` turns one message into its ACK. Peers ``sources`` does not admit
+    are closed before anything is read from them."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], answer: Callable[[str], str], max_bytes: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, sources: SourceFilter, ssl_context: ssl.SSLContext | None = None) -> None:
         self.answer = answer
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.sources = sources
+        self.ssl_context = ssl_context
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _MllpHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.sources.admits(client_address[0]):
+            return True
+        LOG.warning("HL7 connection from %s refused: not in hl7.allowed_hosts", client_address[0])
+        return False
 
 
 class Hl7Listener:
-    """Starts and stops the MLLP server in a thread."""
+    """Starts and stops the MLLP server in a thread; ``ssl_context`` (from ``hl7.tls``) makes it MLLP over TLS."""
 
     def __init__(self, settings: Hl7Settings, catalog: Catalog, timeout_s: float,
-                 count: Callable[[str], None] = lambda code: None) -> None:
+                 count: Callable[[str], None] = lambda code: None, ssl_context: ssl.SSLContext | None = None) -> None:
         def answer(text: str) -> str:
             code, ack = handle_message(text, catalog, settings.accession_field)
             count(code)
             return ack
 
-        self.server = MllpServer((settings.host, settings.port), answer, settings.max_message_kb * 1024, timeout_s)
+        self.server = MllpServer((settings.host, settings.port), answer, settings.max_message_kb * 1024, timeout_s,
+                                 SourceFilter(settings.allowed_hosts), ssl_context)
         self._thread = threading.Thread(target=self.server.serve_forever, name="mllp", daemon=True)
 
     @property
@@ -272,7 +329,8 @@ class Hl7Listener:
 
     def start(self) -> None:
         self._thread.start()
-        LOG.info("HL7 MLLP listener on port %d", self.port)
+        LOG.info("HL7 MLLP listener on %s port %d%s", self.server.server_address[0], self.port,
+                 " (TLS)" if self.server.ssl_context else "")
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 
@@ -67,6 +68,24 @@ def check_pixel_data(ds: Dataset, received: Path) -> None:
         raise NodeError(f"pixel data truncated: {actual} of {expected} bytes")
 
 
+_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def read_received(received: Path) -> Dataset:
+    """The dataset pynetdicom wrote to ``received``, decoded whole; NodeError when it cannot be understood:
+    not parsable, empty or without any identifying attribute (bytes that are not DICOM: pydicom reads much of
+    that without complaint), or pixel data cut short."""
+    try:
+        ds = dcmread(received)
+        ds.walk(lambda *_: None)  # decode every element now, so that a malformed one is refused here
+    except Exception as error:  # a malformed encoding can raise many error types inside pydicom
+        raise NodeError(f"dataset cannot be parsed ({type(error).__name__})") from None
+    if not any(keyword in ds for keyword in _IDENTIFYING):
+        raise NodeError("no DICOM dataset: empty or without any SOP, study or series UID")
+    check_pixel_data(ds, received)
+    return ds
+
+
 def study_attrs(ds: Dataset) -> StudyAttrs:
     return StudyAttrs(
         study_uid=str(ds.StudyInstanceUID),
@@ -113,7 +132,6 @@ class Ingestor:
             sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
             if str(ds.get("SOPClassUID", "")).strip() != sop_class_uid:
                 raise NodeError(f"SOPClassUID of the dataset does not match the presentation context ({sop_class_uid})")
-            check_pixel_data(ds, received)
             report = (
                 ReportAttrs(text=report_text(ds), report_time=report_time(ds)) if kind is Kind.REPORT else None
             )

@@ -148,7 +148,8 @@ class Node:
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
         if self.settings.hl7.enabled:
-            self.hl7 = Hl7Listener(self.settings.hl7, self.catalog, node.network_timeout_s, self._count_hl7)
+            self.hl7 = Hl7Listener(self.settings.hl7, self.catalog, node.network_timeout_s, self._count_hl7,
+                                   tls_context(self.settings.hl7.tls))
             self.hl7.start()
         if self.settings.metrics.enabled:
             self.http = MetricsServer(self.settings.metrics, self.metrics.registry,

@@ -8,6 +8,7 @@ version, predicted findings and their scores in the same block.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,8 +34,10 @@ POSITIVE = 0.5  # a finding is shown as predicted when its probability reaches t
 
 
 class UnknownStudyError(NodeError):
-    def __init__(self, key: str) -> None:
-        super().__init__(f"unknown study: {key}")
+    """No study held under the query's key; the message names a UID, never an accession number (it is logged)."""
+
+    def __init__(self, study_uid: str) -> None:
+        super().__init__(f"unknown study: {study_uid}" if study_uid else "no study held with this AccessionNumber")
 
 
 class NotIndexedError(NodeError):
@@ -60,18 +63,55 @@ class Hit:
     finding_scores: np.ndarray
 
 
-def _private_text(identifier: Dataset, offset: int) -> str:
-    try:
-        block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-        element = block[offset]
-    except KeyError:
-        return ""
-    value = element.value
-    if isinstance(value, bytes):  # implicit VR: private elements arrive as UN
+def _values(value: object) -> list[str]:
+    """An element's value as its list of strings, in every encoding a client may send: a string, pydicom's
+    MultiValue (explicit VR, several values), or bytes (implicit VR: a private element arrives as UN)."""
+    if isinstance(value, bytes):
         value = value.decode("ascii", errors="replace")
-    if isinstance(value, (list, tuple)):
-        value = "\\".join(str(v) for v in value)
-    return str(value or "").strip(" \x00")
+    if value is None:
+        parts: list[str] = []
+    elif isinstance(value, str):
+        parts = value.split("\\")
+    elif isinstance(value, Iterable):
+        parts = [str(v) for v in value]
+    else:
+        parts = [str(value)]
+    return [text for part in parts if (text := part.strip(" \x00"))]
+
+
+def _private_values(identifier: Dataset, offset: int) -> list[str]:
+    try:
+        return _values(identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[offset].value)
+    except KeyError:
+        return []
+
+
+def _private_text(identifier: Dataset, offset: int) -> str:
+    """A single-valued private key's text (empty when absent); several values are refused."""
+    values = _private_values(identifier, offset)
+    if len(values) > 1:
+        raise NodeError(f"private key (0099,xx{offset:02X}) takes one value, got {len(values)}")
+    return values[0] if values else ""
+
+
+def _study_key(identifier: Dataset, keyword: str) -> str:
+    """The one StudyInstanceUID or AccessionNumber the query names (empty when absent)."""
+    values = _values(identifier[keyword].value) if keyword in identifier else []
+    if len(values) > 1 or any("*" in v or "?" in v for v in values):
+        raise NodeError("a similar-case query names exactly one study (no lists or wildcards)")
+    return values[0] if values else ""
+
+
+_FINDING_NAMES = {name.casefold(): name for name in OBSERVATIONS}
+
+
+def _findings_filter(identifier: Dataset) -> tuple[str, ...]:
+    """The findings filter (LO, or CS as before), matched without regard to case, as CheXpert names."""
+    findings = _private_values(identifier, FINDINGS_FILTER)
+    unknown = [f for f in findings if f.casefold() not in _FINDING_NAMES]
+    if unknown:
+        raise NodeError(f"unknown findings in the filter: {', '.join(unknown)}")
+    return tuple(dict.fromkeys(_FINDING_NAMES[f.casefold()] for f in findings))
 
 
 def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarRequest:
@@ -79,26 +119,24 @@ def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarReques
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level != "STUDY":
         raise NodeError(f"similar-case queries are STUDY level, got {level!r}")
-    study_uid = str(identifier.get("StudyInstanceUID", "") or "").strip()
-    accession = str(identifier.get("AccessionNumber", "") or "").strip()
-    if "\\" in study_uid or "*" in study_uid or "?" in study_uid or "*" in accession or "?" in accession:
-        raise NodeError("a similar-case query names exactly one study (no lists or wildcards)")
+    study_uid = _study_key(identifier, "StudyInstanceUID")
+    accession = _study_key(identifier, "AccessionNumber")
     if not study_uid and not accession:
         raise NodeError("a similar-case query names one study by StudyInstanceUID or AccessionNumber")
+    top_k_text, min_score_text = _private_text(identifier, TOP_K), _private_text(identifier, MIN_SCORE)
     try:
-        top_k = int(_private_text(identifier, TOP_K) or defaults.top_k)
-        min_score = float(_private_text(identifier, MIN_SCORE) or defaults.min_score)
+        top_k = int(top_k_text or defaults.top_k)
+        min_score = float(min_score_text or defaults.min_score)
     except ValueError as error:
         raise NodeError(f"private query key is not a number: {error}") from None
     if not 1 <= top_k <= defaults.max_top_k:
         raise NodeError(f"top-k must be 1-{defaults.max_top_k}, got {top_k}")
+    if not -1.0 <= min_score <= 1.0:
+        raise NodeError(f"minimum score must be -1 to 1, got {min_score_text}")
     exclude = _private_text(identifier, EXCLUDE_SAME_PATIENT).upper()
     if exclude not in ("", "YES", "NO"):
         raise NodeError(f"exclude-same-patient must be YES or NO, got {exclude!r}")
-    findings = tuple(f.strip() for f in _private_text(identifier, FINDINGS_FILTER).split("\\") if f.strip())
-    unknown = [f for f in findings if f not in OBSERVATIONS]
-    if unknown:
-        raise NodeError(f"unknown findings in the filter: {', '.join(unknown)}")
+    findings = _findings_filter(identifier)
     return SimilarRequest(
         study_uid=study_uid,
         accession_number=accession,
@@ -113,8 +151,7 @@ def find_similar(catalog: Catalog, index: VectorIndex, request: SimilarRequest) 
     """The most similar other studies, best first, after the request's filters."""
     query = catalog.find_study(request.study_uid, request.accession_number)
     if query is None:
-        key = request.study_uid or f"AccessionNumber {request.accession_number}"
-        raise UnknownStudyError(key)
+        raise UnknownStudyError(request.study_uid)
     if query.vector is None:
         raise NotIndexedError(query.study_uid)
     vector = from_blob(query.vector)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,10 @@ class FileStore:
         self.incoming = root / INCOMING
         self.min_free_bytes = min_free_bytes
         self.incoming.mkdir(parents=True, exist_ok=True)
+        # Study and series folders created but whose entry in their parent is not fsynced yet: whoever stores
+        # into one of them fsyncs that parent too, so no success is answered before the whole path is durable.
+        self._unsynced: set[Path] = set()
+        self._folders = threading.Lock()
 
     def has_room(self, incoming: int = 0) -> bool:
         """Whether ``incoming`` bytes still leave the configured free space (the disk watermark)."""
@@ -58,17 +63,35 @@ class FileStore:
 
     def keep(self, relative: str, received: Path) -> None:
         """Make ``received`` (a file in ``incoming``) the stored instance: fsync it, rename it into place,
-        fsync the folder. After this returns the instance survives a crash."""
+        fsync the series folder, then the study folder when the series folder is new and the storage root
+        when the study folder is new. After this returns the instance survives a crash."""
         final = self.absolute(relative)
-        folder = final.parent
-        folder.mkdir(parents=True, exist_ok=True)
+        new_folders = self._make_folders(final.parent)
         with received.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(received, final)
-        fsync_directory(folder)
+        fsync_directory(final.parent)
+        for folder in new_folders:  # the series folder first, then the study folder
+            fsync_directory(folder.parent)
+            with self._folders:
+                self._unsynced.discard(folder)
+
+    def _make_folders(self, series_folder: Path) -> list[Path]:
+        """Create the study and series folders where missing; return those whose entry in their parent is not
+        yet durable (created now, or by another thread that has not fsynced the parent yet), series first."""
+        study_folder = series_folder.parent
+        with self._folders:
+            for folder in (study_folder, series_folder):
+                if not folder.is_dir():
+                    folder.mkdir()
+                    self._unsynced.add(folder)
+            return [folder for folder in (series_folder, study_folder) if folder in self._unsynced]
 
     def remove(self, relative: str) -> None:
-        self.absolute(relative).unlink(missing_ok=True)
+        """Delete a stored instance (its catalog row was not committed) and make the deletion durable."""
+        path = self.absolute(relative)
+        path.unlink(missing_ok=True)
+        fsync_directory(path.parent)
 
     def remove_temporaries(self, older_than_s: float = 0.0) -> int:
         """Delete received datasets (``*.dcm``) left in ``incoming`` untouched for ``older_than_s`` seconds;

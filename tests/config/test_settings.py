@@ -118,3 +118,30 @@ def test_hl7_metrics_and_backfill_sections(tmp_path: Path) -> None:
     pacs = write(tmp_path, '[backfill]\nsource = "dimse"\n')
     with pytest.raises(ConfigError, match=r"needs \[backfill.pacs\]"):
         load_settings(pacs)
+
+
+def test_hl7_sources_and_tls_are_validated(tmp_path: Path) -> None:
+    settings = load_settings(None)
+    assert (settings.hl7.host, settings.hl7.allowed_hosts, settings.hl7.tls.enabled) == ("127.0.0.1", [], False)
+    exposed = write(tmp_path, '[hl7]\nenabled = true\nhost = "0.0.0.0"\n')
+    with pytest.raises(ConfigError, match=r"hl7: host '0.0.0.0' listens beyond loopback: name the RIS in allowed"):
+        load_settings(exposed)
+    sources = ["10.1.2.3", "10.9.0.0/16", "ris.example.org", "fd00::/8"]
+    listed = load_settings(write(tmp_path, f'[hl7]\nenabled = true\nhost = "0.0.0.0"\nallowed_hosts = {sources}\n'))
+    assert listed.hl7.allowed_hosts == sources
+    bad = write(tmp_path, '[hl7]\nallowed_hosts = ["10.1.2.3/8", "10.0.0.300", "ris example"]\n'
+                          '[hl7.tls]\nenabled = true\ncertificate = "missing.crt"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(bad)
+    problems = "\n".join(caught.value.problems)
+    assert "hl7.allowed_hosts[0]: not a network in CIDR notation (10.1.2.3/8 has host bits set)" in problems
+    assert "hl7.allowed_hosts[1]: must be an IP address, a CIDR network" in problems
+    assert "hl7.allowed_hosts[2]: must be an IP address" in problems
+    assert "hl7.tls: certificate and private_key are required when enabled" in problems
+    (tmp_path / "hl7.crt").write_text("certificate")
+    files = write(tmp_path, '[hl7.tls]\nenabled = true\ncertificate = "hl7.crt"\nprivate_key = "hl7.key"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(files)
+    assert caught.value.problems == [f"hl7.tls.private_key: file not found, got '{tmp_path / 'hl7.key'}'"]
+    (tmp_path / "hl7.key").write_text("key")
+    assert load_settings(files).hl7.tls.certificate == tmp_path / "hl7.crt"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +18,10 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from config.settings import Hl7Settings
+from dicom_node.hl7 import Hl7Listener
 from dicom_node.server import Node
+from indexer.catalog import Catalog
 from indexer.schema import Report, State, Study
 from tests.dicom_node.builders import dx_synthetic, save
 from tests.helpers import dcmtk, free_port, wait_until
@@ -175,3 +180,107 @@ def test_fuzz_hl7_parser(hl7_node: Node, noise: str, cut: int) -> None:
         for message in (noise or "x", spliced or "x"):
             answer = hl7.parse(client.send_message(message).decode("utf-8", errors="replace").strip("\x0b\x1c\r\n"))
             assert str(answer.segment("MSA")[1]) in ("AA", "AE", "AR")
+
+
+def framed(message: str) -> bytes:
+    return SB + message.encode() + EB
+
+
+@pytest.fixture()
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.sqlite3'}")
+    yield catalog
+    catalog.close()
+
+
+@pytest.fixture()
+def listen(catalog: Catalog) -> Iterator[Callable[..., Hl7Listener]]:
+    """Start an MLLP listener (without the DICOM side) with these hl7 settings; stopped after the test."""
+    listeners: list[Hl7Listener] = []
+
+    def start(**hl7_settings: object) -> Hl7Listener:
+        settings = Hl7Settings(**{"enabled": True, "port": free_port(), **hl7_settings})
+        listener = Hl7Listener(settings, catalog, timeout_s=10)
+        listener.start()
+        listeners.append(listener)
+        return listener
+
+    yield start
+    for listener in listeners:
+        listener.stop()
+
+
+def test_listener_binds_loopback_by_default_and_admits_loopback(listen: Callable[..., Hl7Listener],
+                                                               tmp_path: Path) -> None:
+    assert Hl7Settings().host == "127.0.0.1" and Hl7Settings().allowed_hosts == []
+    listener = listen()
+    assert listener.server.server_address[0] == "127.0.0.1"
+    assert mllp_send(listener.port, oru("LB1", accession="LB"), folder=tmp_path) == [("AA", "")]
+
+
+@pytest.mark.parametrize("allowed", [["127.0.0.1"], ["127.0.0.0/8"], ["localhost"], ["192.0.2.77", "127.0.0.5/32",
+                                                                                       "127.0.0.1"]])
+def test_listed_sources_are_admitted(listen: Callable[..., Hl7Listener], tmp_path: Path, allowed: list[str]) -> None:
+    listener = listen(allowed_hosts=allowed)
+    assert mllp_send(listener.port, oru("OK1", accession="OK"), folder=tmp_path) == [("AA", "")]
+
+
+def test_unlisted_source_is_closed_unread_and_logged(listen: Callable[..., Hl7Listener], catalog: Catalog,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "dicom_node.hl7")
+    listener = listen(allowed_hosts=["192.0.2.77", "10.20.0.0/16"])  # this test connects from 127.0.0.1
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as sock:
+        try:
+            sock.sendall(framed(oru("NO1", accession="NO")))
+            answer = sock.recv(100)
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b""
+    assert catalog.held_report_count() == 0
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == ["HL7 connection from 127.0.0.1 refused: not in hl7.allowed_hosts"]
+    assert "NO1" not in caplog.text and "PAT-HL7" not in caplog.text  # nothing of the message was read
+
+
+def test_mllp_over_tls(start_node: Callable[..., Node], pki: Path, tmp_path: Path,
+                      caplog: pytest.LogCaptureFixture) -> None:
+    """[hl7.tls] as the DICOM port's [tls]: a TLS client with a certificate from the CA gets its ACK; plain TCP,
+    and a client whose certificate the CA did not sign, are closed without an answer; the node still serves."""
+    caplog.set_level(logging.INFO, "dicom_node.hl7")
+    node = start_node(hl7={"enabled": True, "port": free_port(),
+                           "tls": {"enabled": True, "certificate": str(pki / "server.crt"),
+                                   "private_key": str(pki / "server.key"), "ca_certificates": str(pki / "ca.crt")}})
+    assert node.hl7 is not None
+
+    def tls_send(client: str) -> bytes:
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / f"{client}.crt"), str(pki / f"{client}.key"))
+        with socket.create_connection(("127.0.0.1", node.hl7.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            assert sock.version() in ("TLSv1.2", "TLSv1.3")
+            sock.sendall(framed(oru("TLS1", accession="TLSACC")))
+            answer = b""
+            while not answer.endswith(EB):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer
+
+    def plain_send() -> bytes:
+        with socket.create_connection(("127.0.0.1", node.hl7.port), timeout=10) as plain:
+            plain.sendall(framed(oru("PLAIN1", accession="PLAIN")))
+            return plain.recv(100)
+
+    assert msa(tls_send("client").strip(SB + EB).decode()) == ("AA", "")
+    assert node.catalog.held_report_count() == 1
+    for refused in (lambda: tls_send("rogue"), plain_send):
+        try:
+            answer = refused()
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert b"MSA" not in answer
+    assert node.catalog.held_report_count() == 1
+    assert msa(tls_send("client").strip(SB + EB).decode()) == ("AA", "")  # a resend: acknowledged, nothing new
+    handshakes = [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    assert len(handshakes) == 2 and all(line.startswith("HL7 connection from 127.0.0.1 closed") for line in handshakes)

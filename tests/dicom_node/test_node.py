@@ -1,16 +1,19 @@
 """The node over real associations on loopback: dcmtk tools and pynetdicom as its peers."""
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, generate_uid
-from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
     DigitalXRayImageStorageForPresentation,
@@ -18,9 +21,25 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.server import Node
-from dicom_node.similar import EXCLUDE_SAME_PATIENT, MODEL_VERSION, PRIVATE_CREATOR, PRIVATE_GROUP, RANK, SCORE, TOP_K
+from dicom_node.similar import (
+    EXCLUDE_SAME_PATIENT,
+    FINDING_SCORES,
+    FINDINGS_FILTER,
+    MIN_SCORE,
+    MODEL_VERSION,
+    ORIGINAL_DESCRIPTION,
+    PREDICTED_FINDINGS,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    RANK,
+    SCORE,
+    TOP_K,
+)
 from dicom_node.status import Status
+from indexer.catalog import to_blob
 from indexer.schema import Instance, Study
+from models.observations import OBSERVATIONS
+from tests.conftest import REPO_ROOT
 from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
@@ -54,10 +73,11 @@ def storescu(node: Node, *files: Path, called: str = "MMDL_NODE") -> subprocess.
     return dcmtk("storescu", "-aet", "PACS", "-aec", called, "127.0.0.1", node.port, *files)
 
 
-def find(node: Node, query: Dataset, called: str = "MMDL_NODE") -> tuple[list[Dataset], Dataset]:
-    """(pending identifiers, final status) of one C-FIND over pynetdicom."""
+def find(node: Node, query: Dataset, called: str = "MMDL_NODE",
+         transfer_syntax: str | None = None) -> tuple[list[Dataset], Dataset]:
+    """(pending identifiers, final status) of one C-FIND over pynetdicom (in ``transfer_syntax`` when given)."""
     ae = AE("VIEWER")
-    ae.add_requested_context(FIND)
+    ae.add_requested_context(FIND, [transfer_syntax] if transfer_syntax else None)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
     assert assoc.is_established
     answers, final = [], Dataset()
@@ -232,11 +252,155 @@ def test_similar_by_accession_and_private_keys(loaded: Node, studies: list[dict[
     assert all(a.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[MODEL_VERSION].value for a in answers)
 
 
-def test_similar_failures_are_clear(loaded: Node) -> None:
+def private(answer: Dataset, offset: int) -> object:
+    """A private answer element's value (answers read in Explicit VR, so values are typed)."""
+    return answer.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[offset].value
+
+
+def similar_query(study_uid: str, **keys: tuple[str, object]) -> Dataset:
+    """A similar-case query naming ``study_uid``, with private keys given as offset name -> (VR, value)."""
+    query = study_query(StudyInstanceUID=study_uid)
+    block = query.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    offsets = {"top_k": TOP_K, "min_score": MIN_SCORE, "exclude": EXCLUDE_SAME_PATIENT, "findings": FINDINGS_FILTER}
+    for name, (vr, value) in keys.items():
+        block.add_new(offsets[name], vr, value)
+    return query
+
+
+def set_findings(node: Node, study_uid: object, positive: dict[str, float]) -> list[float]:
+    """Give a study these finding probabilities (all others 0.05), as the embedding job would have stored them."""
+    scores = [positive.get(name, 0.05) for name in OBSERVATIONS]
+    with node.catalog.session() as session:
+        session.query(Study).filter_by(study_uid=study_uid).one().label_scores = to_blob(np.array(scores))
+        session.commit()
+    return scores
+
+
+def test_similar_min_score(loaded: Node, studies: list[dict[str, object]]) -> None:
+    everything, _ = find(loaded, similar_query(studies[0]["uid"]), "MMDL_SIMILAR", ExplicitVRLittleEndian)
+    scores = [float(private(a, SCORE)) for a in everything]
+    assert len(scores) == len(studies) - 1 and scores == sorted(scores, reverse=True)
+    assert scores[1] > scores[2], "the test needs distinct scores"
+    threshold = f"{(scores[1] + scores[2]) / 2:.6f}"
+    answers, final = find(loaded, similar_query(studies[0]["uid"], min_score=("DS", threshold)), "MMDL_SIMILAR")
+    assert final.Status == Status.SUCCESS
+    assert [a.StudyInstanceUID for a in answers] == [a.StudyInstanceUID for a in everything[:2]]
+    _, final = find(loaded, similar_query(studies[0]["uid"], min_score=("DS", "1.5")), "MMDL_SIMILAR")
+    assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "minimum score" in final.ErrorComment
+    _, final = find(loaded, similar_query(studies[0]["uid"], min_score=("DS", ["0.1", "0.2"])), "MMDL_SIMILAR")
+    assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "takes one value" in final.ErrorComment
+
+
+def test_similar_findings_filter_in_both_vrs_and_encodings(loaded: Node, studies: list[dict[str, object]],
+                                                           tmp_path: Path) -> None:
+    set_findings(loaded, studies[1]["uid"], {"Cardiomegaly": 0.95})
+    set_findings(loaded, studies[3]["uid"], {"Edema": 0.9, "Enlarged Cardiomediastinum": 0.8})
+    for other in (studies[0], studies[2], studies[4]):
+        set_findings(loaded, other["uid"], {})
+    for transfer_syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        for vr in ("CS", "LO"):
+            where = f"{vr} in {transfer_syntax.name}"
+            query = similar_query(studies[0]["uid"], findings=(vr, ["cardiomegaly", "EDEMA"]))
+            answers, final = find(loaded, query, "MMDL_SIMILAR", transfer_syntax)
+            assert final.Status == Status.SUCCESS, where
+            assert {a.StudyInstanceUID for a in answers} == {studies[1]["uid"], studies[3]["uid"]}, where
+            # A name longer than 16 characters (the CS limit), one value.
+            query = similar_query(studies[0]["uid"], findings=(vr, "Enlarged Cardiomediastinum"))
+            answers, _ = find(loaded, query, "MMDL_SIMILAR", transfer_syntax)
+            assert [a.StudyInstanceUID for a in answers] == [studies[3]["uid"]], where
+            _, final = find(loaded, similar_query(studies[0]["uid"], findings=(vr, ["Edema", "Dragons"])),
+                            "MMDL_SIMILAR", transfer_syntax)
+            assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, where
+            assert "Dragons" in final.ErrorComment, where
+    # dcmtk's findscu with the project's dictionary entries for the private block (docs/mmdl-similarity.dic).
+    dictionaries = sorted(Path("/usr/share").glob("libdcmtk*/dicom.dic"))
+    assert dictionaries, "dcmtk's data dictionary (Debian: /usr/share/libdcmtk*/dicom.dic) not found"
+    out = tmp_path / "filtered"
+    out.mkdir()
+    result = subprocess.run(
+        ["findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "-X", "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={studies[0]['uid']}",
+         "-k", f"(0099,0010)={PRIVATE_CREATOR}", "-k", f"(0099,10{FINDINGS_FILTER:02X})=Edema\\cardiomegaly",
+         "127.0.0.1", str(loaded.port)],
+        capture_output=True, text=True, timeout=60,
+        env={**dcmtk_env(), "DCMDICTPATH": f"{dictionaries[-1]}:{REPO_ROOT / 'docs' / 'mmdl-similarity.dic'}"})
+    assert result.returncode == 0, result.stderr
+    assert {dcmread(p).StudyInstanceUID for p in out.glob("rsp*.dcm")} == {studies[1]["uid"], studies[3]["uid"]}
+
+
+def test_similar_answer_keys_and_description_within_64(loaded: Node, studies: list[dict[str, object]]) -> None:
+    every = set_findings(loaded, studies[2]["uid"], {name: 0.6 + i / 100 for i, name in enumerate(OBSERVATIONS)})
+    some = set_findings(loaded, studies[3]["uid"], {"Edema": 0.9, "Cardiomegaly": 0.7})
+    answers, final = find(loaded, similar_query(studies[0]["uid"]), "MMDL_SIMILAR", ExplicitVRLittleEndian)
+    assert final.Status == Status.SUCCESS
+    by_uid = {a.StudyInstanceUID: a for a in answers}
+    for uid, scores in ((studies[2]["uid"], every), (studies[3]["uid"], some)):
+        answer = by_uid[uid]
+        assert [float(v) for v in private(answer, FINDING_SCORES)] == pytest.approx(scores, abs=1e-4)
+        predicted = [OBSERVATIONS[i] for i in np.argsort(scores)[::-1] if scores[i] >= 0.5]
+        assert list(private(answer, PREDICTED_FINDINGS)) == predicted
+        assert private(answer, ORIGINAL_DESCRIPTION) == "CHEST PA"
+        assert len(answer.StudyDescription) <= 64
+    assert by_uid[studies[3]["uid"]].StudyDescription.endswith(": Edema, Cardiomegaly")
+    crowded = by_uid[studies[2]["uid"]].StudyDescription
+    shown, hidden = crowded.split(": ", 1)[1].rsplit(" +", 1)
+    assert len(crowded) > 55 and shown.split(", ") == every_name_by_score(every)[:len(shown.split(", "))]
+    assert len(shown.split(", ")) + int(hidden) == len(OBSERVATIONS)
+
+
+def every_name_by_score(scores: list[float]) -> list[str]:
+    return [OBSERVATIONS[i] for i in np.argsort(scores)[::-1]]
+
+
+def test_similar_cancel_mid_answers(loaded: Node, studies: list[dict[str, object]]) -> None:
+    """The client cancels after its first answer: the node stops sending and ends with Cancel.
+
+    pynetdicom's EVT_DIMSE_SENT fires just before a message goes out: the node's side holds its second answer
+    until the C-CANCEL has arrived, so the cancel always lands while answers remain (one or two are sent)."""
+    pending_sent: list[int] = []
+
+    def hold_second_answer(event: Event) -> None:
+        message = event.message
+        if type(message).__name__ == "C_FIND_RSP" and message.command_set.Status == Status.PENDING:
+            pending_sent.append(1)
+            if len(pending_sent) == 2:
+                wait_until(lambda: bool(event.assoc.dimse.cancel_req), 30, "the C-CANCEL to arrive")
+
+    ae = AE("VIEWER")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", loaded.port, ae_title="MMDL_SIMILAR")
+    assert assoc.is_established
+    (served,) = loaded.ae.active_associations
+    served.bind(evt.EVT_DIMSE_SENT, hold_second_answer)
+    statuses = []
+    for status, _ in assoc.send_c_find(similar_query(studies[0]["uid"]), FIND, msg_id=7):
+        statuses.append(status.Status)
+        if statuses == [Status.PENDING]:
+            assoc.send_c_cancel(7, query_model=FIND)
+    assoc.release()
+    assert statuses[-1] == Status.CANCEL and set(statuses[:-1]) == {Status.PENDING}
+    assert 1 <= len(statuses) - 1 <= 2 < len(studies) - 1
+
+
+def test_similar_failures_are_clear(loaded: Node, studies: list[dict[str, object]],
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "dicom_node.handlers")
     _, final = find(loaded, study_query(StudyInstanceUID="1.2.3.999"), "MMDL_SIMILAR")
     assert final.Status == Status.UNKNOWN_STUDY and "1.2.3.999" in final.ErrorComment
+    _, final = find(loaded, study_query(AccessionNumber="ACC-NOT-HELD"), "MMDL_SIMILAR")
+    assert final.Status == Status.UNKNOWN_STUDY
     _, final = find(loaded, study_query(), "MMDL_SIMILAR")
     assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    # One study per query: a UID list is refused, in both VR encodings.
+    uid_list = [str(studies[0]["uid"]), str(studies[1]["uid"])]
+    for transfer_syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        _, final = find(loaded, study_query(StudyInstanceUID="\\".join(uid_list)), "MMDL_SIMILAR", transfer_syntax)
+        assert final.Status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "exactly one study" in final.ErrorComment
+    refusals = [r.getMessage() for r in caplog.records if "similar-case query" in r.getMessage()]
+    assert len(refusals) == 5
+    assert all("from VIEWER to MMDL_SIMILAR refused with 0x" in line for line in refusals)
+    assert "0xC101: unknown study: 1.2.3.999" in refusals[0]
+    assert "ACC-NOT-HELD" not in caplog.text and "PAT-" not in caplog.text and "TEST^" not in caplog.text
 
 
 @pytest.fixture()

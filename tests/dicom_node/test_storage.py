@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from dicom_node import storage
 from dicom_node.errors import NodeError
 from dicom_node.storage import FileStore, check_uid
 
@@ -46,3 +48,35 @@ def test_leftovers_in_incoming_are_removed_once_old_enough(tmp_path: Path) -> No
     (store.incoming / "tmpdir-of-a-library").mkdir()
     assert store.remove_temporaries() == 1
     assert [p.name for p in store.incoming.iterdir()] == ["tmpdir-of-a-library"]
+
+
+def test_a_folder_created_by_another_store_is_made_durable_before_returning(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two instances of one new study at once: the second must not return (answer success) while the study
+    folder's entry in the storage root is not yet fsynced by the first; it fsyncs the root itself."""
+    store = FileStore(tmp_path / "storage")
+    synced: list[tuple[str, Path]] = []
+    first_at_root, release = threading.Event(), threading.Event()
+
+    def fsync_directory(folder: Path) -> None:
+        synced.append((threading.current_thread().name, folder))
+        if folder == store.root and threading.current_thread().name == "first":
+            first_at_root.set()
+            release.wait(30)
+
+    monkeypatch.setattr(storage, "fsync_directory", fsync_directory)
+    received = []
+    for name in ("a", "b"):
+        received.append(store.incoming / f"{name}.dcm")
+        received[-1].write_bytes(name.encode())
+    first = threading.Thread(target=store.keep, args=(store.relative_path("1.2", "1.2.3", "1.2.3.1"), received[0]),
+                             name="first")
+    first.start()
+    assert first_at_root.wait(30)
+    store.keep(store.relative_path("1.2", "1.2.3", "1.2.3.2"), received[1])
+    release.set()
+    first.join(30)
+    series = store.root / "1.2" / "1.2.3"
+    assert [folder for name, folder in synced if name == "first"] == [series, series.parent, store.root]
+    assert [folder for name, folder in synced if name != "first"] == [series, store.root]
+    assert (series / "1.2.3.2.dcm").read_bytes() == b"b"
