@@ -187,7 +187,10 @@ def test_fast_for_thousands_of_queries() -> None:
     start = time.perf_counter()
     report = retrieval_report(emb, lab)
     assert time.perf_counter() - start < 30  # about 2 s on one core; generous for a shared CI machine
-    assert 0.0 <= report["map@all"] <= 1.0
+    # random embeddings rank at random: mAP@all sits at the share of relevant candidates per query
+    shared = (lab.astype(np.float32) @ lab.T.astype(np.float32)) > 0
+    np.fill_diagonal(shared, False)
+    assert report["map@all"] == pytest.approx(shared.sum(axis=1).mean() / 2999, abs=0.03)
 
 
 @settings(max_examples=40, deadline=None)
