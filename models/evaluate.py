@@ -30,7 +30,7 @@ from models.bundle import MMDLModel
 from models.errors import ModelError
 from models.metrics import DEFAULT_KS, retrieval_report
 from models.observations import OBSERVATIONS, Sample
-from models.studies import StudySet, check_split, held_out_split, head_config, retrain_heads, study_set, with_heads
+from models.study_sets import StudySet, check_split, held_out_split, head_config, retrain_heads, study_set, with_heads
 from models.train import (
     REPORT_FRACTIONS,
     FeatureCache,

@@ -19,7 +19,7 @@ from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
 from models.calibration import Calibration, expected_calibration_error
 from models.datasets import read_manifest
 from models.observations import OBSERVATIONS
-from models.studies import group_studies, held_out_split, study_set
+from models.study_sets import group_studies, held_out_split, study_set
 from models.train import FeatureCache
 
 NO_FINDING = OBSERVATIONS.index("No Finding")

@@ -7,7 +7,7 @@ Example (the calibration of models/mmdl_default)::
 
 Uses the manifest the model was trained from: the held-out patients are recognised by the model's
 split (and its ``test_patients_sha256`` when recorded) and left untouched; the calibration is fitted
-on a validation split of the training patients (``models.studies.calibrate_model``). Also records
+on a validation split of the training patients (``models.study_sets.calibrate_model``). Also records
 ``test_patients_sha256`` in the model when it has none, so ``evaluate`` can check the split later.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from models.bundle import MMDLModel, update_manifest
 from models.commands.train import setup_process
 from models.datasets import read_manifest
 from models.errors import ModelError
-from models.studies import calibrate_model, held_out_split, held_out_digest
+from models.study_sets import calibrate_model, held_out_split, held_out_digest
 from models.train import FeatureCache
 
 

@@ -23,7 +23,7 @@ import torch
 from models.backbone_training import BackboneTrainingConfig
 from models.datasets import read_manifest
 from models.errors import ModelError
-from models.studies import held_out_digest
+from models.study_sets import held_out_digest
 from models.train import HeadConfig, TrainConfig, train_model, training_split
 
 log = logging.getLogger(__name__)

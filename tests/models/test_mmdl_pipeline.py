@@ -18,7 +18,7 @@ from models.commands import train as train_command
 from models.datasets import read_manifest, write_manifest
 from models.evaluate import MAIN_METHODS, STUDY_METHODS, coverage_name
 from models.observations import OBSERVATIONS, Sample
-from models.studies import held_out_digest
+from models.study_sets import held_out_digest
 from models.train import HeadConfig, cycled_order, keep_reports, train_heads, training_split
 
 CLASSES = ("No Finding", "Cardiomegaly", "Pleural Effusion", "Pneumonia")
