@@ -1,14 +1,15 @@
-"""Head variants compared at study level on a validation split of the TRAINING patients (test untouched).
+"""Head variants compared at study level (own patient excluded), mean and spread over seeds, as Markdown.
 
-    .venv/bin/python scripts/head_sweep.py MANIFEST CACHE_DIR [SEEDS...]
+    .venv/bin/python scripts/head_sweep.py MANIFEST CACHE_DIR [--split validation|test] [--only TEXT] [--seeds N ...]
 
-Heads are retrained on the other training patients with each variant of the shipped model's head
-recipe (models/mmdl_default) and each seed; prints mAP@10 / mAP@all at study level (own patient
-excluded), mean and spread over the seeds, as Markdown.
+``validation`` (the default, for choosing): heads retrained on 80 % of the TRAINING patients with each
+variant of the shipped model's head recipe (models/mmdl_default), evaluated on the other 20 % (seed 1),
+test patients untouched. ``test`` (for reporting a choice once): heads retrained on all training
+patients, evaluated on the held-out patients. ``--only`` keeps the variants whose name contains TEXT.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,19 +28,29 @@ VARIANTS = {
     "MMDL (shipped recipe)": ({}, True),
     "MMDL, report loss x0.3": ({"report_weight": 0.3}, True),
     "MMDL, 40 epochs": ({"epochs": 40}, True),
+    "Image-MMDL, 40 epochs": ({"epochs": 40}, False),
 }
 
 
-def main(manifest: str, cache_dir: str, *seeds: str) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("manifest")
+    parser.add_argument("cache_dir", type=Path)
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--only", default="")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args()
     torch.set_num_threads(1)
     model = MMDLModel.load(DEFAULT_MODEL_DIR, device="cpu")
-    train, _ = held_out_split(read_manifest(manifest), model)
-    fit_part, validation = split_by_patient(train, [0.8, 0.2], seed=1)
-    cache = FeatureCache(Path(cache_dir))
+    train, test = held_out_split(read_manifest(args.manifest), model)
+    fit_part, validation = split_by_patient(train, [0.8, 0.2], seed=1) if args.split == "validation" else (train, test)
+    cache = FeatureCache(args.cache_dir)
     print("| variant | seeds | mAP@10 | mAP@all |\n|---|---|---|---|")
     for name, (changes, with_reports) in VARIANTS.items():
+        if args.only not in name:
+            continue
         runs = []
-        for seed in (int(s) for s in seeds or ("0", "1")):
+        for seed in args.seeds:
             config = replace(head_config(model, seed), **changes)
             fitted = retrain_heads(model, fit_part, cache, reports=with_reports, config=config)
             studies = study_set(validation, fitted, cache, "mmdl" if with_reports else "image")
@@ -49,4 +60,4 @@ def main(manifest: str, cache_dir: str, *seeds: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()
