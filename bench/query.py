@@ -139,12 +139,15 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
     the stall an index snapshot causes."""
     from config import load_settings
     from dicom_node.matching import study_summary
+    from dicom_node.server import model_directory
     from dicom_node.similar import find_similar, hit_identifier, parse_request
     from indexer.catalog import Catalog
     from indexer.vector_index import HnswParams
+    from models.calibration import load_calibration
     from models.observations import EMBEDDING_DIM
 
     settings = load_settings(config)
+    calibration = load_calibration(model_directory(settings))
     catalog = Catalog(settings.catalog_url)
     index = VectorIndex.open(HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction,
                                         settings.index.ef_search), settings.node.data_dir / "index", catalog)
@@ -154,12 +157,12 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
         t0 = time.perf_counter()
         index.search(vectors[row], 11)
         t1 = time.perf_counter()
-        hits = find_similar(catalog, index, parse_request(request, settings.query))
+        hits = find_similar(catalog, index, parse_request(request, settings.query), calibration)
         t2 = time.perf_counter()
         with catalog.session() as session:
             summaries = study_summary(session, [hit.study.id for hit in hits])
         t3 = time.perf_counter()
-        [hit_identifier(request, hit, summaries.get(hit.study.id), "MMDL_SIMILAR") for hit in hits]
+        [hit_identifier(request, hit, summaries.get(hit.study.id), "MMDL_SIMILAR", calibration) for hit in hits]
         t4 = time.perf_counter()
         for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             stages[name].append(seconds * 1000)

@@ -1,4 +1,4 @@
-"""`mmdl-node`: serve the node, check a configuration, and the models' commands (label, manifest, train, evaluate)."""
+"""`mmdl-node`: serve the node, check a configuration, and the models' commands (label, manifest, train, calibrate, evaluate)."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,7 @@ DELEGATED = {
     "label": ("models.commands.label", "label report texts (JSONL) with the 14 CheXpert observations"),
     "manifest": ("models.commands.manifest", "build a training manifest (CSV) from public dataset layouts"),
     "train": ("models.commands.train", "train an MMDL model from a manifest"),
+    "calibrate": ("models.commands.calibrate", "fit calibrated findings and the match probability into a model"),
     "evaluate": ("models.commands.evaluate", "evaluate retrieval (mAP@k, per-class AP, Acc-k) on a manifest"),
     "bench": ("indexer.populate", "benchmark tools: populate a data dir with synthetic studies"),
 }

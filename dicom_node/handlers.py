@@ -42,6 +42,7 @@ from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_R
 from dicom_node.storage import FileStore
 from indexer.catalog import AddOutcome, Catalog
 from indexer.vector_index import VectorIndex
+from models.calibration import Calibration
 
 LOG = logging.getLogger(__name__)
 Answer = tuple[Any, Dataset | None]
@@ -58,6 +59,7 @@ class Services:
     index: VectorIndex
     metrics: Metrics
     held: HeldSyntaxes
+    calibration: Calibration | None = None  # of the node's model: calibrated findings and match probability
 
 
 def status(code: Status, comment: str = "") -> Dataset:
@@ -218,7 +220,7 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     retrieve_ae = services.settings.node.similar_ae_title
     try:
         answers = similar_responses(services.catalog, services.index, event.identifier,
-                                    services.settings.query, retrieve_ae)
+                                    services.settings.query, retrieve_ae, services.calibration)
     except NodeError as error:
         code = (Status.UNKNOWN_STUDY if isinstance(error, UnknownStudyError)
                 else Status.STUDY_NOT_INDEXED if isinstance(error, NotIndexedError)

@@ -36,16 +36,24 @@ from indexer.catalog import Catalog
 from indexer.embedding import EmbeddingJob, Encoder
 from indexer.scheduler import JobScheduler
 from indexer.vector_index import HnswParams, VectorIndex
+from models.calibration import load_calibration
 from models.observations import EMBEDDING_DIM
 
 LOG = logging.getLogger(__name__)
 
 
-def load_configured_model(settings: Settings) -> Encoder:
-    """The MMDL model the settings name (the shipped one by default); imports torch only here."""
-    from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
+def model_directory(settings: Settings) -> Path:
+    """The MMDL model directory the settings name (the shipped one by default); imports torch only here."""
+    from models.bundle import DEFAULT_MODEL_DIR
 
-    return MMDLModel.load(settings.model.path or DEFAULT_MODEL_DIR, device=settings.model.device)
+    return settings.model.path or DEFAULT_MODEL_DIR
+
+
+def load_configured_model(settings: Settings) -> Encoder:
+    """The MMDL model the settings name."""
+    from models.bundle import MMDLModel
+
+    return MMDLModel.load(model_directory(settings), device=settings.model.device)
 
 
 def decode_stored_image(path: Path) -> np.ndarray:
@@ -101,8 +109,12 @@ class Node:
         self._snapshot_seq = self.index.seq
         self.metrics = Metrics()
         self.metrics.registry.register(CatalogCollector(self.catalog, lambda: len(self.index)))
+        calibration = load_calibration(model_directory(settings))
+        if calibration is None:
+            LOG.warning("model in %s has no calibration (mmdl-node calibrate): answers show no findings",
+                        model_directory(settings))
         self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index,
-                                 self.metrics, HeldSyntaxes(self.catalog.held_syntaxes()))
+                                 self.metrics, HeldSyntaxes(self.catalog.held_syntaxes()), calibration)
         self.job = EmbeddingJob(
             self.catalog,
             self.index,

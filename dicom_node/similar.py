@@ -1,10 +1,12 @@
 """The similar-case query: a STUDY-level C-FIND naming one study returns the most similar other studies.
 
 Door 1 (any viewer): query the similar AE title by StudyInstanceUID or AccessionNumber; each answer
-carries the rank, the score and the predicted findings in StudyDescription.
+carries the rank, the match probability and the calibrated findings in StudyDescription.
 Door 2 (private keys): a private block (group 0099, creator PRIVATE_CREATOR) in the request may set
 top-k, minimum score, exclude-same-patient and a findings filter; answers carry score, rank, model
-version, predicted findings and their scores in the same block.
+version, calibrated findings, match probability and the raw finding scores in the same block.
+What a reader sees comes from the model's calibration (``models.calibration``): ``shown_findings``
+and ``match_probability`` are the two functions other views (the web page) call for the same values.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dicom_node.matching import study_summary
 from indexer.catalog import Catalog, from_blob
 from indexer.schema import Study
 from indexer.vector_index import VectorIndex
+from models.calibration import Calibration
 from models.observations import OBSERVATIONS
 
 PRIVATE_GROUP = 0x0099
@@ -30,7 +33,7 @@ PRIVATE_CREATOR = "MMDL SIMILARITY 1.0"
 TOP_K, MIN_SCORE, EXCLUDE_SAME_PATIENT, FINDINGS_FILTER = 0x01, 0x02, 0x03, 0x04
 # ... and answer keys.
 SCORE, RANK, MODEL_VERSION, PREDICTED_FINDINGS, FINDING_SCORES, ORIGINAL_DESCRIPTION = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
-POSITIVE = 0.5  # a finding is shown as predicted when its probability reaches this
+MATCH_PROBABILITY, FINDING_PROBABILITIES = 0x16, 0x17
 
 
 class UnknownStudyError(NodeError):
@@ -147,15 +150,21 @@ def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarReques
     )
 
 
-def find_similar(catalog: Catalog, index: VectorIndex, request: SimilarRequest) -> list[Hit]:
-    """The most similar other studies, best first, after the request's filters."""
+def find_similar(
+    catalog: Catalog, index: VectorIndex, request: SimilarRequest, calibration: Calibration | None = None
+) -> list[Hit]:
+    """The most similar other studies, best first, after the request's filters.
+
+    The findings filter keeps studies with one of the wanted findings among their shown findings
+    (``shown_findings``); without a calibration no finding is shown, so a filter keeps nothing.
+    """
     query = catalog.find_study(request.study_uid, request.accession_number)
     if query is None:
         raise UnknownStudyError(request.study_uid)
     if query.vector is None:
         raise NotIndexedError(query.study_uid)
     vector = from_blob(query.vector)
-    wanted = [OBSERVATIONS.index(f) for f in request.findings]
+    wanted = set(request.findings)
     hits: list[Hit] = []
     k = request.top_k + 1
     while True:
@@ -169,7 +178,7 @@ def find_similar(catalog: Catalog, index: VectorIndex, request: SimilarRequest) 
             if request.exclude_same_patient and study.patient_id and study.patient_id == query.patient_id:
                 continue
             finding_scores = from_blob(study.label_scores) if study.label_scores else np.zeros(len(OBSERVATIONS))
-            if wanted and not any(finding_scores[i] >= POSITIVE for i in wanted):
+            if wanted and not wanted & {name for name, _ in shown_findings(calibration, study, finding_scores)}:
                 continue
             hits.append(Hit(study, len(hits) + 1, float(score), finding_scores))
             if len(hits) == request.top_k:
@@ -180,16 +189,29 @@ def find_similar(catalog: Catalog, index: VectorIndex, request: SimilarRequest) 
         k *= 4
 
 
-def predicted_findings(finding_scores: np.ndarray) -> list[str]:
-    order = np.argsort(-finding_scores)
-    return [OBSERVATIONS[i] for i in order if finding_scores[i] >= POSITIVE]
+def shown_findings(calibration: Calibration | None, study: Study, finding_scores: np.ndarray) -> list[tuple[str, float]]:
+    """The calibrated findings a reader sees for a study, most probable first, with their probabilities.
+
+    None without a calibration or when the study was embedded by another model than the one calibrated.
+    """
+    if calibration is None or study.model_version != calibration.model_version:
+        return []
+    return calibration.shown_findings(finding_scores)
 
 
-def describe(rank: int, score: float, findings: list[str], limit: int = 64) -> str:
-    """'#1 sim 0.93: Cardiomegaly, Edema +2' within a StudyDescription's 64 characters."""
-    head = f"#{rank} sim {score:.2f}: "
+def match_probability(calibration: Calibration | None, cosine: float) -> float | None:
+    """Probability that an answer at this cosine shares a finding with the query (None without a calibration)."""
+    return None if calibration is None else float(calibration.match_probability(cosine))
+
+
+def describe(rank: int, score: float, match: float | None, findings: list[str], limit: int = 64) -> str:
+    """'#1 97%: Cardiomegaly, Edema' within a StudyDescription's 64 characters.
+
+    The percentage is the match probability; without a calibration the cosine is shown ('#1 sim 0.93: ...').
+    """
+    head = f"#{rank} {match:.0%}: " if match is not None else f"#{rank} sim {score:.2f}: "
     if not findings:
-        return head + "no finding predicted"
+        return head + ("no confident finding" if match is not None else "findings not calibrated")
     shown: list[str] = []
     for finding in findings:
         hidden = len(findings) - len(shown) - 1
@@ -201,10 +223,14 @@ def describe(rank: int, score: float, findings: list[str], limit: int = 64) -> s
     return head + ", ".join(shown) + (f" +{hidden}" if hidden else "")
 
 
-def hit_identifier(request: Dataset, hit: Hit, summary: tuple[str, int, int] | None, retrieve_ae: str) -> Dataset:
+def hit_identifier(
+    request: Dataset, hit: Hit, summary: tuple[str, int, int] | None, retrieve_ae: str, calibration: Calibration | None
+) -> Dataset:
     """The answer for one hit, readable in a plain viewer (StudyDescription) and in the private block."""
-    findings = predicted_findings(hit.finding_scores)
-    values = {**study_values(hit.study, summary), "StudyDescription": describe(hit.rank, hit.score, findings)}
+    shown = shown_findings(calibration, hit.study, hit.finding_scores)
+    findings = [name for name, _ in shown]
+    match = match_probability(calibration, hit.score)
+    values = {**study_values(hit.study, summary), "StudyDescription": describe(hit.rank, hit.score, match, findings)}
     if "StudyDescription" not in request:
         request = request.copy()
         request.StudyDescription = ""
@@ -219,16 +245,19 @@ def hit_identifier(request: Dataset, hit: Hit, summary: tuple[str, int, int] | N
         (PREDICTED_FINDINGS, "LO", findings or ""),
         (FINDING_SCORES, "DS", [f"{s:.4f}" for s in hit.finding_scores]),
         (ORIGINAL_DESCRIPTION, "LO", hit.study.study_description),
+        (MATCH_PROBABILITY, "DS", "" if match is None else f"{match:.4f}"),
+        (FINDING_PROBABILITIES, "DS", [f"{p:.4f}" for _, p in shown] or ""),
     ):
         identifier.add(DataElement(block.get_tag(offset), vr, value, already_converted=True))
     return identifier
 
 
 def similar_responses(
-    catalog: Catalog, index: VectorIndex, request: Dataset, defaults: QuerySettings, retrieve_ae: str
+    catalog: Catalog, index: VectorIndex, request: Dataset, defaults: QuerySettings, retrieve_ae: str,
+    calibration: Calibration | None = None,
 ) -> list[Dataset]:
     """All answer identifiers for a similar-case C-FIND request (raises NodeError subclasses)."""
-    hits = find_similar(catalog, index, parse_request(request, defaults))
+    hits = find_similar(catalog, index, parse_request(request, defaults), calibration)
     with catalog.session() as session:
         summaries = study_summary(session, [hit.study.id for hit in hits])
-    return [hit_identifier(request, hit, summaries.get(hit.study.id), retrieve_ae) for hit in hits]
+    return [hit_identifier(request, hit, summaries.get(hit.study.id), retrieve_ae, calibration) for hit in hits]

@@ -22,6 +22,7 @@ import numpy as np
 from indexer.catalog import Catalog, PendingItem
 from indexer.schema import Instance, Report
 from indexer.vector_index import VectorIndex
+from models.study import study_vector
 
 LOG = logging.getLogger(__name__)
 # An image in the decode pool: its catalog row and the future of its prepared model input.
@@ -52,16 +53,6 @@ class RoundStats:
     studies: int = 0
     seconds: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
-
-
-def study_vector(image_vectors: list[np.ndarray], report_vector: np.ndarray | None) -> np.ndarray | None:
-    """A study's point in the common space: the mean of its images, averaged with its report's."""
-    parts = []
-    if image_vectors:
-        parts.append(np.mean(image_vectors, axis=0))
-    if report_vector is not None:
-        parts.append(report_vector)
-    return np.mean(parts, axis=0).astype(np.float32) if parts else None
 
 
 def _reason(error: BaseException) -> str:

@@ -3,7 +3,9 @@
 A bundle is one directory:
 
 - ``model.json``: the manifest (format, version, label names, dimensions, image preprocessing,
-  SCDA on/off, Doc2Vec inference settings, SHA-256 of every other file);
+  SCDA on/off, Doc2Vec inference settings, the training record with the held-out split's
+  ``test_patients_sha256``, the ``calibration`` of findings and match probability
+  (``models.calibration``, once ``mmdl-node calibrate`` has run), SHA-256 of every other file);
 - ``weights.pt``: ``{"backbone": state dict, "heads": state dict}`` stored as float16 to keep the
   directory small, loaded back as float32 (``save`` rounds the live model the same way, so a model
   and its saved copy give identical embeddings);
@@ -28,6 +30,7 @@ import torch
 
 from models.backbone import DenseNetBackbone
 from models.backbone_training import PreparedImage, extract_features, prepare_image, prepared_features
+from models.calibration import Calibration
 from models.errors import ModelError
 from models.imaging import Preprocessing
 from models.mmdl import EMBEDDING_DIM, MMDLHeads
@@ -110,6 +113,7 @@ class MMDLModel:
         metrics: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
         device: str = "auto",
+        calibration: Calibration | None = None,
     ) -> None:
         if tuple(label_names) != OBSERVATIONS:
             raise ModelError(f"label names {tuple(label_names)!r} differ from the 14 CheXpert observations")
@@ -129,6 +133,8 @@ class MMDLModel:
         #: How the model was trained (configuration, data split, timings): JSON-ready, kept in model.json.
         self.training: dict[str, Any] = dict(training or {})
         self.version = version or self._make_version()
+        #: Calibrated findings and match probability (``mmdl-node calibrate``), None until fitted.
+        self.calibration = calibration
 
     @property
     def embedding_dim(self) -> int:
@@ -222,6 +228,7 @@ class MMDLModel:
             },
             "weights_dtype": "float16",
             "training": self.training,
+            **({"calibration": self.calibration.to_dict()} if self.calibration else {}),
             "files": {name: _sha256(directory / name) for name in (WEIGHTS, DOC2VEC, METRICS)},
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -240,6 +247,7 @@ class MMDLModel:
             scda, infer_epochs, seed = bool(image["scda"]), int(report["infer_epochs"]), int(report["seed"])
             version, label_names = str(manifest["version"]), manifest["label_names"]
             training = dict(manifest.get("training") or {})
+            calibration = Calibration.from_dict(manifest["calibration"]) if "calibration" in manifest else None
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{directory / MANIFEST} is incomplete or malformed: {exc!r}") from exc
         try:
@@ -257,8 +265,18 @@ class MMDLModel:
             raise ModelError(f"cannot read {directory / METRICS}: {exc}") from exc
         return cls(
             backbone, heads, report_encoder, preprocessing, scda=scda, version=version,
-            label_names=label_names, metrics=metrics, training=training, device=device,
+            label_names=label_names, metrics=metrics, training=training, device=device, calibration=calibration,
         )
+
+
+def update_manifest(directory: str | Path, calibration: Calibration, training: dict[str, Any]) -> None:
+    """Store a calibration and training-record entries in a bundle's model.json, leaving its other files alone."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    manifest["training"] = {**manifest.get("training", {}), **training}
+    manifest["calibration"] = calibration.to_dict()
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("stored the calibration of %s in %s", manifest["version"], directory / MANIFEST)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

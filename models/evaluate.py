@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,10 @@ from models.bundle import MMDLModel
 from models.errors import ModelError
 from models.metrics import DEFAULT_KS, retrieval_report
 from models.observations import OBSERVATIONS, Sample
+from models.study_sets import StudySet, check_split, held_out_split, head_config, retrain_heads, study_set, with_heads
 from models.train import (
     REPORT_FRACTIONS,
     FeatureCache,
-    HeadConfig,
-    TrainConfig,
     label_matrix,
     labelled_images,
     labelled_reports,
@@ -70,6 +69,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_split(model, test_fraction, split_seed)
     train, test = training_split(samples, test_fraction, split_seed)
+    check_split(model, test)
     queries = labelled_images(test)
     if len(queries) < 2:
         raise ModelError(f"the test split has {len(queries)} labelled images; retrieval needs at least 2")
@@ -91,14 +91,11 @@ def evaluate(
     images, reports = labelled_images(train), labelled_reports(train)
     train_x, train_y = features(images, model.scda), label_matrix(images)
     report_x, report_y = model.report_encoder.encode([s.report or "" for s in reports]), label_matrix(reports)
-    config = _head_config(model, seed)
+    config = head_config(model, seed)
 
     def retrained(x_rep: np.ndarray, y_rep: np.ndarray) -> dict[str, Any]:
         heads, _ = train_heads(train_x, train_y, x_rep, y_rep, config, device, progress=progress)
-        fitted = MMDLModel(
-            model.backbone, heads, model.report_encoder, model.preprocessing, scda=model.scda,
-            version=model.version, device=device,
-        )
+        fitted = with_heads(model, heads)
         h = fitted.embed_features(test_x, "image")
         return retrieval_report(h, y_test, fitted.predict_labels(h))
 
@@ -123,13 +120,6 @@ def _check_split(model: MMDLModel, test_fraction: float, split_seed: int) -> Non
             "seen test patients",
             model.version, trained, (test_fraction, split_seed),
         )
-
-
-def _head_config(model: MMDLModel, seed: int) -> HeadConfig:
-    """The model's own head configuration (defaults for a model without a training record)."""
-    record = model.training.get("config")
-    heads = TrainConfig.from_dict(record).heads if record else HeadConfig()
-    return replace(heads, seed=seed)
 
 
 def _details(
@@ -217,3 +207,83 @@ def _save(figure: Figure, path: Path) -> None:
     """Lay out and write a figure as PNG."""
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+STUDY_METHODS = ("Random", "Image-D121", "Image-MMDL", "MMDL", "MMDL (shipped)")
+
+
+def evaluate_studies(
+    samples: Sequence[Sample],
+    model: MMDLModel,
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Study-level retrieval on the held-out patients, as the node serves it; writes metrics-studies.json/.md.
+
+    Every labelled image study of a test patient queries the other test studies, its own patient's
+    studies excluded. Study vectors come from ``models.study.study_vector`` (the node's function):
+    Image-D121 on backbone features, Image-MMDL on image heads retrained per seed without reports,
+    MMDL on heads retrained per seed by the model's recipe (images + reports), and the shipped model.
+    Each method's figures are the mean and standard deviation over ``seeds``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, test = held_out_split(samples, model)
+    cache = FeatureCache(cache_dir or out_dir / "cache")
+    d121 = study_set(test, model, cache, "backbone", progress)
+    groups, labels = d121.patients, d121.labels
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STUDY_METHODS}
+
+    def measure(method: str, studies: StudySet, scores: bool = True) -> None:
+        runs[method].append(retrieval_report(studies.vectors, studies.labels,
+                                             studies.label_scores if scores else None, groups=groups))
+
+    measure("Image-D121", d121, scores=False)
+    measure("MMDL (shipped)", study_set(test, model, cache, "mmdl"))
+    for seed in seeds:
+        started = time.monotonic()
+        rng = np.random.default_rng(seed)
+        runs["Random"].append(retrieval_report(rng.standard_normal(d121.vectors.shape), labels,
+                                               rng.random(labels.shape), groups=groups))
+        image_only = retrain_heads(model, train, cache, seed, reports=False, progress=progress)
+        measure("Image-MMDL", study_set(test, image_only, cache, "image"))
+        measure("MMDL", study_set(test, retrain_heads(model, train, cache, seed, progress=progress), cache, "mmdl"))
+        log.info("seed %d: heads retrained and evaluated in %.0f s", seed, time.monotonic() - started)
+    results = {name: summarise(values) for name, values in runs.items()}
+    details = {"model": model.version, "test_studies": len(groups), "test_patients": len(set(groups)),
+               "seeds": list(seeds), "candidates": "the other test studies, the query's own patient's excluded"}
+    (out_dir / "metrics-studies.json").write_text(json.dumps({"details": details, "results": results}, indent=2) + "\n")
+    (out_dir / "metrics-studies.md").write_text(study_markdown(results, details))
+    return results
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over runs of each summary metric, and the mean AP@10 per class."""
+    summary: dict[str, Any] = {"runs": len(runs)}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    summary["ap@10_per_class"] = {
+        name: (None if runs[0]["ap@10_per_class"][name] is None
+               else float(np.mean([r["ap@10_per_class"][name] for r in runs])))
+        for name in OBSERVATIONS
+    }
+    return summary
+
+
+def study_markdown(results: dict[str, dict[str, Any]], details: dict[str, Any]) -> str:
+    """The study-level evaluation as Markdown: mean ± standard deviation over seeds, AP@10 per class."""
+    lines = ["# MMDL study-level retrieval evaluation", ""]
+    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in details.items()]
+    lines += ["", "| method | runs | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 2) + "|"]
+    for name, values in results.items():
+        cells = [f"{values[k]['mean']:.3f} ± {values[k]['std']:.3f}" if k in values else "-" for k in SUMMARY_KEYS]
+        lines.append(f"| {name} | {values['runs']} | " + " | ".join(cells) + " |")
+    lines += ["", "AP@10 per class (mean over seeds; - when no test study has the class)", ""]
+    lines += ["| class | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    for name in OBSERVATIONS:
+        lines.append(f"| {name} | " + " | ".join(_fmt(r["ap@10_per_class"][name]) for r in results.values()) + " |")
+    return "\n".join(lines) + "\n"

@@ -2,10 +2,12 @@
 
 Public API (stable; used by the evaluation command):
 
-- ``rank_by_cosine(embeddings) -> (n, n-1) int64``: for each item, the other items ordered by
-  descending cosine similarity (the item itself excluded; ties keep index order).
-- ``relevance(labels, ranking) -> (n, n-1) bool``: ``rel[q, i]`` is True when the i-th retrieved
-  item shares at least one positive label with query q.
+- ``rank_by_cosine(embeddings, groups=None) -> (n, n-1) int64``: for each item, the other items
+  ordered by descending cosine similarity (the item itself excluded; ties keep index order); items
+  of the query's own group (``groups[q]``, e.g. its patient) are ranked after all others.
+- ``relevance(labels, ranking, groups=None) -> (n, n-1) bool``: ``rel[q, i]`` is True when the i-th
+  retrieved item shares at least one positive label with query q and is not of q's group: with
+  groups, the query's own patient's items are no candidates (they count as not retrieved).
 - ``average_precision_at_k(rel, k) -> (n,) float64``: AP@k per query; ``k=None`` means all.
   AP@k = sum_{i<=k} P@i * rel(i) / (number of relevant items in the top k), 0 when there is none.
 - ``mean_average_precision(embeddings, labels, ks=(1, 5, 10, 20, None)) -> {"map@1": ..., "map@all": ...}``
@@ -13,7 +15,7 @@ Public API (stable; used by the evaluation command):
   AP@k over the queries that have that class positive (None when no query has it).
 - ``label_accuracy(scores, labels, k) -> float``: Acc-k, the fraction of samples for which any of
   the k highest predicted label scores is a true label.
-- ``retrieval_report(embeddings, labels, scores=None) -> dict``: all of the above under the
+- ``retrieval_report(embeddings, labels, scores=None, groups=None) -> dict``: all of the above under the
   keys ``map@1 map@5 map@10 map@20 map@all acc@1 acc@5`` plus ``ap@10_per_class`` (a dict).
 
 Every query is kept in the means, including a query without any positive label (its AP is 0,
@@ -49,8 +51,8 @@ def _check_pair(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return emb, lab.astype(bool)
 
 
-def rank_by_cosine(embeddings: np.ndarray) -> np.ndarray:
-    """Indices of the other items for each query, most cosine-similar first (self excluded)."""
+def rank_by_cosine(embeddings: np.ndarray, groups: Sequence[str] | None = None) -> np.ndarray:
+    """Indices of the other items for each query, most cosine-similar first (self excluded, own group last)."""
     emb = np.asarray(embeddings, dtype=np.float64)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     unit = emb / np.where(norms > 0, norms, 1.0)
@@ -59,6 +61,8 @@ def rank_by_cosine(embeddings: np.ndarray) -> np.ndarray:
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         sim = unit[start:stop] @ unit.T
+        if groups is not None:
+            sim[_same_group(groups, start, stop)] = -3.0  # below any cosine, above the query itself
         rows = np.arange(stop - start)
         sim[rows, start + rows] = -np.inf  # the query itself sorts last, then is cut off
         order = np.argsort(-sim, axis=1, kind="stable")
@@ -66,8 +70,14 @@ def rank_by_cosine(embeddings: np.ndarray) -> np.ndarray:
     return ranking
 
 
-def relevance(labels: np.ndarray, ranking: np.ndarray) -> np.ndarray:
-    """rel[q, i]: the i-th item retrieved for q shares at least one positive label with q."""
+def _same_group(groups: Sequence[str], start: int, stop: int) -> np.ndarray:
+    """(stop - start, n) bool: item j is of the same group as query start + i."""
+    g = np.asarray(groups)
+    return g[start:stop, None] == g[None, :]
+
+
+def relevance(labels: np.ndarray, ranking: np.ndarray, groups: Sequence[str] | None = None) -> np.ndarray:
+    """rel[q, i]: the i-th item retrieved for q shares a positive label with q (and is not of q's group)."""
     lab = np.asarray(labels).astype(bool)
     if lab.shape[0] != ranking.shape[0]:
         raise ModelError(f"labels for {lab.shape[0]} items but a ranking for {ranking.shape[0]} queries")
@@ -76,6 +86,8 @@ def relevance(labels: np.ndarray, ranking: np.ndarray) -> np.ndarray:
     for start in range(0, ranking.shape[0], _CHUNK):
         stop = min(start + _CHUNK, ranking.shape[0])
         shared = lab_f[start:stop] @ lab_f.T  # (chunk, n): number of positive labels in common
+        if groups is not None:
+            shared[_same_group(groups, start, stop)] = 0
         rel[start:stop] = np.take_along_axis(shared, ranking[start:stop], axis=1) > 0
     return rel
 
@@ -92,10 +104,14 @@ def average_precision_at_k(rel: np.ndarray, k: int | None) -> np.ndarray:
     return np.divide(numerator, found, out=np.zeros_like(numerator), where=found > 0)
 
 
-def _ap_table(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int | None]) -> dict[str, np.ndarray]:
-    """AP@k of every query for each k, from one cosine ranking."""
+def _ap_table(
+    embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int | None], groups: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """AP@k of every query for each k, from one cosine ranking (own group excluded when given)."""
     emb, lab = _check_pair(embeddings, labels)
-    rel = relevance(lab, rank_by_cosine(emb))
+    if groups is not None and len(groups) != len(emb):
+        raise ModelError(f"{len(groups)} groups for {len(emb)} items")
+    rel = relevance(lab, rank_by_cosine(emb, groups), groups)
     return {_k_name(k): average_precision_at_k(rel, k) for k in ks}
 
 
@@ -135,10 +151,17 @@ def label_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def retrieval_report(
-    embeddings: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None, names: Sequence[str] = OBSERVATIONS
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray | None = None,
+    names: Sequence[str] = OBSERVATIONS,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, float | dict[str, float | None]]:
-    """All METHOD.md metrics for one method: mAP@{1,5,10,20,all}, AP@10 per class, Acc-1/5."""
-    table = _ap_table(embeddings, labels, DEFAULT_KS)
+    """All METHOD.md metrics for one method: mAP@{1,5,10,20,all}, AP@10 per class, Acc-1/5.
+
+    With ``groups`` (each item's patient), a query's own patient's items are no candidates.
+    """
+    table = _ap_table(embeddings, labels, DEFAULT_KS, groups)
     report: dict[str, float | dict[str, float | None]] = {f"map@{n}": float(ap.mean()) for n, ap in table.items()}
     report["ap@10_per_class"] = _per_class_mean(table["10"], labels, names)
     if scores is not None:

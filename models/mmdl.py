@@ -113,8 +113,10 @@ def mmdl_loss(
     batch: dict[str, tuple[torch.Tensor, torch.Tensor]],
     triplet_weight: float = 1.0,
     margin: float = 0.2,
+    report_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss: label loss summed over the modalities present + weighted image triplet loss.
+    """Total loss: label loss summed over the modalities present (the report's times ``report_weight``)
+    + weighted image triplet loss.
 
     ``batch`` maps a modality to (inputs, labels); either modality may be absent (unpaired data).
     Returns the loss and its parts as floats, for logging.
@@ -125,7 +127,7 @@ def mmdl_loss(
         h = heads.encode(x, modality)
         loss = label_loss(heads.project(h), y)
         parts[f"label_{modality}"] = float(loss.detach())
-        total = total + loss
+        total = total + (report_weight if modality == "report" else 1.0) * loss
         if modality == "image" and triplet_weight > 0:
             triplet = multilabel_triplet_loss(h, y, margin)
             parts["triplet_image"] = float(triplet.detach())

@@ -35,7 +35,7 @@ from models.datasets import split_by_patient
 from models.errors import ModelError
 from models.imaging import Preprocessing, load_image
 from models.mmdl import MMDLHeads, mmdl_loss
-from models.observations import Sample
+from models.observations import NUM_OBSERVATIONS, Sample
 from models.text import DEFAULT_DIM, ReportEncoder
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,11 @@ class HeadConfig:
     margin: float = 0.2
     dropout: float = 0.2
     seed: int = 0
+    report_weight: float = 1.0  # weight of the report label loss against the image one
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.learning_rate <= 0 or self.triplet_weight < 0:
+        if self.epochs < 1 or self.batch_size < 2 or self.learning_rate <= 0 or self.triplet_weight < 0 \
+                or self.report_weight < 0:
             raise ModelError(f"bad head training settings: {self}")
 
 
@@ -206,7 +208,7 @@ def labelled_reports(samples: Sequence[Sample]) -> list[Sample]:
 
 def label_matrix(samples: Sequence[Sample]) -> np.ndarray:
     """(n, 14) float32 labels of labelled samples."""
-    return np.array([s.labels for s in samples], dtype=np.float32).reshape(len(samples), -1)
+    return np.array([s.labels for s in samples], dtype=np.float32).reshape(len(samples), NUM_OBSERVATIONS)
 
 
 def train_heads(
@@ -256,7 +258,8 @@ def train_heads(
             for name, (x, y) in pools.items():
                 index = torch.from_numpy(orders[name][step * config.batch_size : (step + 1) * config.batch_size])
                 batch[name] = (x[index].to(device), y[index].to(device))
-            loss, _ = mmdl_loss(heads, batch, triplet_weight=config.triplet_weight, margin=config.margin)
+            loss, _ = mmdl_loss(heads, batch, triplet_weight=config.triplet_weight, margin=config.margin,
+                                report_weight=config.report_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

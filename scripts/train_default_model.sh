@@ -19,8 +19,12 @@ $PY -m dicom_node.cli manifest --nih "$DATA/nih-cxr14-1000" --covid "$DATA/covid
 $PY -m dicom_node.cli train --manifest "$RUN/manifest.csv" --out "$MODEL" --work-dir "$RUN/train" \
     --test-fraction 0.2 --split-seed 0 --seed 0 --image-size 128 --backbone-epochs 8 --head-epochs 20 --no-scda \
     --threads 1 --no-progress
+$PY -m dicom_node.cli calibrate --manifest "$RUN/manifest.csv" --model "$MODEL" --cache-dir "$RUN/train/cache" \
+    --threads 1 --no-progress
 $PY -m dicom_node.cli evaluate --manifest "$RUN/manifest.csv" --model "$MODEL" --out "$RUN/eval" \
     --cache-dir "$RUN/train/cache" --threads 1 --store-in-model --no-progress
+$PY -m dicom_node.cli evaluate --studies --seeds 0 1 2 --manifest "$RUN/manifest.csv" --model "$MODEL" \
+    --out "$RUN/eval-studies" --cache-dir "$RUN/train/cache" --threads 1 --no-progress
 cp "$DATA/nih-cxr14-1000/NIH_README_ChestXray.txt" "$DATA/nih-cxr14-1000/torchxrayvision_LICENSE.txt" "$MODEL/"
 cp "$DATA/covid-chestxray/SOURCE_README.md" "$MODEL/covid-chestxray_SOURCE_README.md"
 cat > "$MODEL/iu-reports_LICENSE_NOTE.txt" <<'NOTE'

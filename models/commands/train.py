@@ -23,6 +23,7 @@ import torch
 from models.backbone_training import BackboneTrainingConfig
 from models.datasets import read_manifest
 from models.errors import ModelError
+from models.study_sets import held_out_digest
 from models.train import HeadConfig, TrainConfig, train_model, training_split
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triplet-weight", type=float, default=HeadConfig.triplet_weight,
                         help="weight of the image triplet loss")
     parser.add_argument("--margin", type=float, default=HeadConfig.margin, help="triplet margin (cosine distance)")
+    parser.add_argument("--report-weight", type=float, default=HeadConfig.report_weight,
+                        help="weight of the report label loss against the image one")
     parser.add_argument("--doc2vec-dim", type=int, default=TrainConfig.doc2vec_dim)
     parser.add_argument("--doc2vec-epochs", type=int, default=TrainConfig.doc2vec_epochs)
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice in training")
@@ -80,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             triplet_weight=args.triplet_weight,
             margin=args.margin,
             seed=args.seed,
+            report_weight=args.report_weight,
         ),
     )
 
@@ -110,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             held_out_samples=len(test),
             test_fraction=args.test_fraction,
             split_seed=args.split_seed,
+            **({"test_patients_sha256": held_out_digest(test)} if test else {}),
             train_seconds=round(time.monotonic() - started, 1),
         )
         model.save(args.out)

@@ -171,15 +171,18 @@ def test_fuzz_c_store(node: Node, keeper: tuple[str, bytes], payload: bytes, cut
     """Random bytes, and real datasets cut short or with random bytes spliced in."""
     whole = encoded(dx_synthetic("1.2.3.99", "FUZZ", "FUZZ1", size=16))
     spliced = whole[:cut] + payload + whole[cut + len(payload):]
-    files_before = data_files(node)
+    data_dir = node.settings.node.data_dir
+    files_before, beside_before = data_files(node), set(data_dir.parent.iterdir())
     assoc = scu(node)
     for candidate in (payload, spliced):
         status = raw_store(assoc, candidate)
         assert status in (Status.SUCCESS, Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                           Status.DUPLICATE_CONFLICT)
     assoc.release()
-    data_dir = node.settings.node.data_dir
-    assert all(p.is_relative_to(data_dir) for p in data_files(node) - files_before)
+    assert set(data_dir.parent.iterdir()) == beside_before  # nothing written beside the data directory
+    written = data_files(node) - files_before  # inside it: stored instances, the catalog and the index only
+    assert all(p.is_relative_to(data_dir / "storage") or p.is_relative_to(data_dir / "index")
+               or p.name.startswith("catalog.sqlite3") for p in written), written
     assert Path(keeper[0]).read_bytes() == keeper[1]
 
 

@@ -187,7 +187,10 @@ def test_fast_for_thousands_of_queries() -> None:
     start = time.perf_counter()
     report = retrieval_report(emb, lab)
     assert time.perf_counter() - start < 30  # about 2 s on one core; generous for a shared CI machine
-    assert 0.0 <= report["map@all"] <= 1.0
+    # random embeddings rank at random: mAP@all sits at the share of relevant candidates per query
+    shared = (lab.astype(np.float32) @ lab.T.astype(np.float32)) > 0
+    np.fill_diagonal(shared, False)
+    assert report["map@all"] == pytest.approx(shared.sum(axis=1).mean() / 2999, abs=0.03)
 
 
 @settings(max_examples=40, deadline=None)
@@ -204,3 +207,19 @@ def test_map_properties(n: int, classes: int, seed: int) -> None:
     assert all(0.0 <= v <= 1.0 for v in got.values())
     assert got[f"map@{n - 1}"] == pytest.approx(got["map@all"])  # the top n-1 is everything
     assert got["map@all"] == pytest.approx(plain_map(emb, lab, None))
+
+
+def test_own_group_is_no_candidate_hand_worked() -> None:
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    lab = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1]])
+    groups = ["p", "p", "q", "r"]  # items 0 and 1 are one patient's
+    ranking = rank_by_cosine(emb, groups)
+    assert ranking.tolist() == [[2, 3, 1], [2, 3, 0], [1, 0, 3], [2, 1, 0]]
+    rel = relevance(lab, ranking, groups)
+    assert rel.tolist() == [[False, False, False], [True, True, False], [True, False, True], [True, True, False]]
+    report = retrieval_report(emb, lab, names=NAMES, groups=groups)
+    # q0 finds no relevant other-patient item; q1: 1, q2: (1 + 2/3)/2, q3: 1
+    assert report["map@all"] == pytest.approx((0 + 1 + (1 + 2 / 3) / 2 + 1) / 4)
+    assert report["map@1"] == pytest.approx(3 / 4)
+    with pytest.raises(ModelError, match="groups"):
+        retrieval_report(emb, lab, groups=groups[:3])

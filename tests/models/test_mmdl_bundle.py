@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.bundle import DEFAULT_MODEL_DIR, MANIFEST, WEIGHTS, MMDLModel, create_random_model, resolve_device
+from models.bundle import (
+    DEFAULT_MODEL_DIR,
+    MANIFEST,
+    WEIGHTS,
+    MMDLModel,
+    create_random_model,
+    resolve_device,
+    update_manifest,
+)
 from models.errors import ModelError
 from models.observations import OBSERVATIONS
 
@@ -106,3 +115,19 @@ def test_device_is_checked() -> None:
     assert resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ModelError, match="tpu"):
         resolve_device("tpu")
+
+
+def test_calibration_is_stored_in_the_manifest_and_loaded_with_the_model(
+    random_model: tuple[MMDLModel, Path], tmp_path: Path
+) -> None:
+    model, _ = random_model
+    model.save(tmp_path / "copy")
+    assert MMDLModel.load(tmp_path / "copy", device="cpu").calibration is None
+    shipped = MMDLModel.load(DEFAULT_MODEL_DIR, device="cpu").calibration
+    assert shipped is not None
+    calibration = replace(shipped, model_version=model.version)
+    update_manifest(tmp_path / "copy", calibration, {"test_patients_sha256": "ab" * 32})
+    loaded = MMDLModel.load(tmp_path / "copy", device="cpu")  # checksums of the other files still hold
+    assert loaded.calibration == calibration and loaded.training["test_patients_sha256"] == "ab" * 32
+    loaded.save(tmp_path / "again")  # a model saved again keeps its calibration
+    assert MMDLModel.load(tmp_path / "again", device="cpu").calibration == calibration

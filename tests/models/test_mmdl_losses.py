@@ -98,6 +98,10 @@ def test_total_loss_is_sum_of_parts_and_unpaired_batches_train() -> None:
     assert float(loss.detach()) == pytest.approx(
         parts["label_image"] + parts["label_report"] + 0.5 * parts["triplet_image"], rel=1e-5
     )
+    balanced, parts = mmdl_loss(heads, batch, triplet_weight=0.5, report_weight=0.3)
+    assert float(balanced.detach()) == pytest.approx(
+        parts["label_image"] + 0.3 * parts["label_report"] + 0.5 * parts["triplet_image"], rel=1e-5
+    )
     only_reports, parts = mmdl_loss(heads, {"report": batch["report"]})
     assert set(parts) == {"label_report", "total"}
     only_reports.backward()
