@@ -5,7 +5,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from config.settings import Settings
 
@@ -49,26 +49,34 @@ def settings_from_mapping(data: dict[str, Any], source: str = "<settings>", base
         raise ConfigError(source, _problems(error)) from None
     if base_dir is None:
         return settings
-    paths = {"node": ("data_dir",), "model": ("path",), "tls": ("certificate", "private_key", "ca_certificates")}
-    changes: dict[str, Any] = {}
-    for section_name, keys in paths.items():
-        section = getattr(settings, section_name)
-        update = {key: (base_dir / value).resolve() for key in keys
-                  if (value := getattr(section, key)) is not None and not value.is_absolute()}
-        if update:
-            changes[section_name] = section.model_copy(update=update)
-    settings = settings.model_copy(update=changes)
+    for location, keys in _PATH_KEYS.items():
+        settings = _resolve_paths(settings, location, keys, base_dir)
     _check_files(settings, source)
     return settings
 
 
+_TLS_FILES = ("certificate", "private_key", "ca_certificates")
+# Where the settings name files: (section path, keys); relative ones are taken from the file's folder.
+_PATH_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("node",): ("data_dir",), ("model",): ("path",), ("tls",): _TLS_FILES, ("web", "tls"): _TLS_FILES,
+}
+
+
+def _resolve_paths(model: BaseModel, location: tuple[str, ...], keys: tuple[str, ...], base_dir: Path) -> Any:
+    """``model`` with the relative paths at ``location`` made absolute under ``base_dir``."""
+    if location:
+        inner = getattr(model, location[0])
+        return model.model_copy(update={location[0]: _resolve_paths(inner, location[1:], keys, base_dir)})
+    update = {key: (base_dir / value).resolve() for key in keys
+              if (value := getattr(model, key)) is not None and not value.is_absolute()}
+    return model.model_copy(update=update) if update else model
+
+
 def _check_files(settings: Settings, source: str) -> None:
     """Files the settings name must exist (checked after paths are resolved)."""
-    tls = settings.tls
-    if not tls.enabled:
-        return
-    missing = [f"tls.{key}: file not found, got '{path}'" for key in ("certificate", "private_key", "ca_certificates")
-               if (path := getattr(tls, key)) is not None and not path.is_file()]
+    missing = [f"{prefix}.{key}: file not found, got '{path}'"
+               for prefix, tls in (("tls", settings.tls), ("web.tls", settings.web.tls)) if tls.enabled
+               for key in _TLS_FILES if (path := getattr(tls, key)) is not None and not path.is_file()]
     if missing:
         raise ConfigError(source, missing)
 

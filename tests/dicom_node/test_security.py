@@ -1,7 +1,6 @@
 """Who may talk and what the node refuses: TLS with dcmtk as the client, host checks, limits, watermark."""
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from io import BytesIO
@@ -20,27 +19,6 @@ from dicom_node.server import Node
 from dicom_node.status import Status
 from tests.dicom_node.builders import dx_from_png, dx_synthetic, save
 from tests.helpers import dcmtk, wait_until
-
-
-def openssl(*args: str | Path, cwd: Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1, a client certificate from the CA and one self-signed."""
-    d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=Test CA", cwd=d)
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
-            "-subj", "/CN=rogue", cwd=d)
-    return d
 
 
 def test_tls_with_client_certificates(start_node: Callable[..., Node], pki: Path) -> None:
