@@ -13,8 +13,13 @@ from urllib.parse import quote
 import httpx
 import pytest
 from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.server import Node
+from dicom_node.status import Status
 from tests.dicom_node.builders import dx_from_png, save
 from tests.dicom_node.web.conftest import DICOMWEB, INJECTION, OHIF, STONE, WebNode, start_web_node
 from tests.helpers import dcmtk, free_port
@@ -146,6 +151,10 @@ def test_by_accession_number_and_options(web_node: WebNode) -> None:
     ("/studies/{uid}/similar", {"top_k": "many"}, 400, "not a number"),
     ("/studies/{uid}/similar", {"findings": "Cardiomegaly,Dragons"}, 400, "Dragons"),
     ("/studies/{uid}/similar", {"colour": "red"}, 400, "unknown query parameters: colour"),
+    ("/similar", {"accession": "ACC*"}, 400, "no lists or wildcards"),
+    ("/similar", {"accession": "ACC0\\ACC1"}, 404, "unknown study"),
+    ("/studies/1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17.18.19.20.21.22.23.24.25.26.27.28.29/similar", {}, 400,
+     "not a valid UID"),
 ])
 def test_bad_queries_are_answered_with_a_status_in_both_formats(web_node: WebNode, path: str, params: dict[str, str],
                                                                 status: int, says: str) -> None:
@@ -169,6 +178,28 @@ def test_a_study_held_but_not_indexed_is_409(tmp_path: Path, random_model_dir: P
             response = httpx.get(f"{node.web.url}/studies/1.2.826.0.1.3680043.8.498.77/similar",
                                  headers={"Accept": accept})
             assert response.status_code == 409 and "not indexed yet" in response.text
+    finally:
+        node.stop()
+
+
+def test_an_image_that_cannot_be_decoded_is_422(tmp_path: Path, random_model_dir: Path, shared_data: Path) -> None:
+    node = start_web_node(tmp_path / "node", random_model_dir)
+    try:
+        png = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[0]
+        image = dx_from_png(png, "1.2.826.0.1.3680043.8.498.78", "PAT-Y", "ACCY")
+        # a JPEG 2000 frame that is not one: stored as received, only rendering decodes it
+        image.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(500)])
+        image["PixelData"].VR = "OB"
+        image["PixelData"].is_undefined_length = True
+        image.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ae = AE("PACS")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, [JPEG2000Lossless])
+        association = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+        assert association.send_c_store(image).Status == Status.SUCCESS
+        association.release()
+        assert node.web is not None
+        response = httpx.get(f"{node.web.url}/thumbnails/{image.SOPInstanceUID}.jpg")
+        assert response.status_code == 422 and "cannot be rendered" in response.text
     finally:
         node.stop()
 
