@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (
@@ -21,7 +20,7 @@ from dicom_node.server import Node
 from dicom_node.similar import EXCLUDE_SAME_PATIENT, MODEL_VERSION, PRIVATE_CREATOR, PRIVATE_GROUP, RANK, SCORE, TOP_K
 from dicom_node.status import Status
 from indexer.schema import Instance, Study
-from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
+from tests.dicom_node.builders import basic_text_sr, dx_from_png, save, undecodable
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
 FIND = StudyRootQueryRetrieveInformationModelFind
@@ -289,11 +288,7 @@ def test_undecodable_image_fails_alone(start_node: Callable[..., Node], studies:
     broken = dcmread(studies[1]["image"])
     broken.SOPInstanceUID = generate_uid()
     broken.StudyInstanceUID = generate_uid()
-    # Well-formed DICOM (received and kept as sent) whose JPEG 2000 stream is not an image.
-    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream" * 10])
-    broken["PixelData"].VR = "OB"
-    broken["PixelData"].is_undefined_length = True
-    broken.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    undecodable(broken)
     ae = AE("PACS")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, [JPEG2000Lossless])
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")

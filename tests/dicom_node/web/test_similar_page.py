@@ -13,14 +13,13 @@ from urllib.parse import quote
 import httpx
 import pytest
 from PIL import Image
-from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.server import Node
 from dicom_node.status import Status
-from tests.dicom_node.builders import dx_from_png, save
+from tests.dicom_node.builders import dx_from_png, save, undecodable
 from tests.dicom_node.web.conftest import DICOMWEB, INJECTION, OHIF, STONE, WebNode, start_web_node
 from tests.helpers import dcmtk, free_port
 
@@ -186,12 +185,7 @@ def test_an_image_that_cannot_be_decoded_is_422(tmp_path: Path, random_model_dir
     node = start_web_node(tmp_path / "node", random_model_dir)
     try:
         png = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[0]
-        image = dx_from_png(png, "1.2.826.0.1.3680043.8.498.78", "PAT-Y", "ACCY")
-        # a JPEG 2000 frame that is not one: stored as received, only rendering decodes it
-        image.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(500)])
-        image["PixelData"].VR = "OB"
-        image["PixelData"].is_undefined_length = True
-        image.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        image = undecodable(dx_from_png(png, "1.2.826.0.1.3680043.8.498.78", "PAT-Y", "ACCY"))
         ae = AE("PACS")
         ae.add_requested_context(DigitalXRayImageStorageForPresentation, [JPEG2000Lossless])
         association = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
