@@ -96,6 +96,7 @@ class Node:
         if removed:
             LOG.warning("removed %d partial files left by an interrupted receive", removed)
         self.catalog = Catalog(settings.catalog_url)
+        self.renderer = Renderer(self.store, data_dir / "thumbnails")  # pictures of stored images, for people
         params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
         self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
         self._snapshot_seq = self.index.seq
@@ -162,9 +163,8 @@ class Node:
                                       lambda: health(self.dicom_up, self.catalog))
             self.http.start()
         if self.settings.web.enabled:
-            renderer = Renderer(self.store, self.settings.node.data_dir / "thumbnails")
             self.web = WebServer(self.settings.web,
-                                 create_app(WebContext(self.settings, self.catalog, self.index, renderer)))
+                                 create_app(WebContext(self.settings, self.catalog, self.index, self.renderer)))
             self.web.start()
         self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
