@@ -18,8 +18,8 @@ BUTTON_JS = """
 (function () {
   var pageUrl = %s;
   $('#study').live('pagebeforecreate', function () {
-    $('#study-anonymize').parent().after(
-      '<li data-icon="search"><a href="#" id="mmdl-similar" target="_blank" rel="external noopener">Similar cases</a></li>');
+    $('#study-anonymize').parent().after('<li data-icon="search">' +
+      '<a href="#" id="mmdl-similar" target="_blank" rel="external noopener">Similar cases</a></li>');
   });
   $('#study').live('pagebeforeshow', function () {
     var link = $('#mmdl-similar').attr('href', '#');

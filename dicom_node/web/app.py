@@ -141,7 +141,8 @@ class Authentication:
     def __init__(self, app: ASGIApp, web: WebSettings) -> None:
         self.app = app
         self.web = web
-        self.challenge = 'Basic realm="mmdl-node", charset="UTF-8"' if web.auth == "basic" else 'Bearer realm="mmdl-node"'
+        basic = web.auth == "basic"
+        self.challenge = 'Basic realm="mmdl-node", charset="UTF-8"' if basic else 'Bearer realm="mmdl-node"'
 
     def accepts(self, authorization: str) -> bool:
         scheme, _, credentials = authorization.partition(" ")

@@ -15,7 +15,8 @@ from tests.dicom_node.conftest import node_settings
 from tests.dicom_node.test_node import indexed
 from tests.helpers import dcmtk, free_port, wait_until
 
-OHIF, STONE, DICOMWEB = "http://ohif.test:3000", "http://pacs.test:8042/stone-webviewer", "http://node.test:8080/dicomweb"
+OHIF, STONE = "http://ohif.test:3000", "http://pacs.test:8042/stone-webviewer"
+DICOMWEB = "http://node.test:8080/dicomweb"
 INJECTION = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
 

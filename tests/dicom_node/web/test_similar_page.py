@@ -241,10 +241,33 @@ def test_https_with_the_configured_certificate(tmp_path: Path, random_model_dir:
         "enabled": True, "certificate": str(pki / "server.crt"), "private_key": str(pki / "server.key")})
     try:
         assert node.web is not None and node.web.url.startswith("https://")
-        response = httpx.get(f"{node.web.url}/studies/1.2.3.4/similar", verify=ssl.create_default_context(cafile=pki / "ca.crt"))
-        assert response.status_code == 404 and response.http_version == "HTTP/1.1"
+        trusted = ssl.create_default_context(cafile=pki / "ca.crt")
+        response = httpx.get(f"{node.web.url}/studies/1.2.3.4/similar", verify=trusted)
+        assert response.status_code == 404
+        assert node.web.config.ssl is not None and node.web.config.ssl.minimum_version >= ssl.TLSVersion.TLSv1_2
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{node.web.port}/studies/1.2.3.4/similar", timeout=5)
+    finally:
+        node.stop()
+
+
+def test_https_with_client_certificates(tmp_path: Path, random_model_dir: Path, pki: Path) -> None:
+    node = start_web_node(tmp_path / "node", random_model_dir, tls={
+        "enabled": True, "certificate": str(pki / "server.crt"), "private_key": str(pki / "server.key"),
+        "ca_certificates": str(pki / "ca.crt")})
+    try:
+        assert node.web is not None
+        url = f"{node.web.url}/studies/1.2.3.4/similar"
+        for key, certificate, allowed in (("client.key", "client.crt", True), ("rogue.key", "rogue.crt", False),
+                                          (None, None, False)):
+            client = ssl.create_default_context(cafile=pki / "ca.crt")
+            if certificate is not None:
+                client.load_cert_chain(pki / certificate, pki / key)
+            if allowed:
+                assert httpx.get(url, verify=client).status_code == 404
+            else:
+                with pytest.raises(httpx.HTTPError):
+                    httpx.get(url, verify=client, timeout=5)
     finally:
         node.stop()
 
