@@ -51,35 +51,37 @@ def settings_from_mapping(data: dict[str, Any], source: str = "<settings>", base
         raise ConfigError(source, _problems(error)) from None
     if base_dir is None:
         return settings
-    resolved = {
-        "node": _resolved(settings.node, ("data_dir",), base_dir),
-        "model": _resolved(settings.model, ("path",), base_dir),
-        "tls": _resolved(settings.tls, _TLS_FILES, base_dir),
-        "hl7": settings.hl7.model_copy(update={"tls": _resolved(settings.hl7.tls, _TLS_FILES, base_dir)}),
-    }
-    settings = settings.model_copy(update=resolved)
-    missing = _missing_files("tls", settings.tls) + _missing_files("hl7.tls", settings.hl7.tls)
-    if missing:
-        raise ConfigError(source, missing)
+    for location, keys in _PATH_KEYS.items():
+        settings = _resolve_paths(settings, location, keys, base_dir)
+    _check_files(settings, source)
     return settings
 
 
 _TLS_FILES = ("certificate", "private_key", "ca_certificates")
+# Where the settings name files: (section path, keys); relative ones are taken from the file's folder.
+_PATH_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("node",): ("data_dir",), ("model",): ("path",), ("tls",): _TLS_FILES, ("hl7", "tls"): _TLS_FILES,
+    ("web", "tls"): _TLS_FILES,
+}
 
 
-def _resolved(section: SectionT, keys: tuple[str, ...], base_dir: Path) -> SectionT:
-    """``section`` with its relative paths under ``keys`` taken from ``base_dir``."""
+def _resolve_paths(model: BaseModel, location: tuple[str, ...], keys: tuple[str, ...], base_dir: Path) -> Any:
+    """``model`` with the relative paths at ``location`` made absolute under ``base_dir``."""
+    if location:
+        inner = getattr(model, location[0])
+        return model.model_copy(update={location[0]: _resolve_paths(inner, location[1:], keys, base_dir)})
     update = {key: (base_dir / value).resolve() for key in keys
-              if (value := getattr(section, key)) is not None and not value.is_absolute()}
-    return section.model_copy(update=update) if update else section
+              if (value := getattr(model, key)) is not None and not value.is_absolute()}
+    return model.model_copy(update=update) if update else model
 
 
-def _missing_files(prefix: str, tls: TlsSettings) -> list[str]:
-    """The files an enabled TLS section names that do not exist (checked after paths are resolved)."""
-    if not tls.enabled:
-        return []
-    return [f"{prefix}.{key}: file not found, got '{path}'" for key in _TLS_FILES
-            if (path := getattr(tls, key)) is not None and not path.is_file()]
+def _check_files(settings: Settings, source: str) -> None:
+    """Files the settings name must exist (checked after paths are resolved)."""
+    missing = [f"{prefix}.{key}: file not found, got '{path}'"
+               for prefix, tls in (("tls", settings.tls), ("hl7.tls", settings.hl7.tls), ("web.tls", settings.web.tls)) if tls.enabled
+               for key in _TLS_FILES if (path := getattr(tls, key)) is not None and not path.is_file()]
+    if missing:
+        raise ConfigError(source, missing)
 
 
 def load_settings(path: str | Path | None) -> Settings:

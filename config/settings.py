@@ -192,6 +192,40 @@ class MetricsSettings(_Section):
     port: Port = 9108
 
 
+class WebSettings(_Section):
+    """The HTTP server of people-facing pages: the similar-cases page, its JSON, thumbnails."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    tls: TlsSettings = TlsSettings()  # HTTPS with these files, same keys as [tls]
+    auth: Literal["none", "basic", "token"] = "none"
+    username: str = ""  # auth = "basic"
+    password: str = ""  # auth = "basic"
+    token: str = ""  # auth = "token": clients send "Authorization: Bearer <token>"
+    thumbnail_size: Annotated[int, Field(ge=32, le=1024)] = 256
+    ohif_url: str = ""  # OHIF's base URL (its /viewer opens the pair); empty: no OHIF link
+    stone_url: str = ""  # Stone Web Viewer's base URL (the folder of its index.html); empty: no link
+    weasis_dicomweb_url: str = ""  # the DICOMweb root Weasis retrieves from; empty: no Weasis link
+
+    @model_validator(mode="after")
+    def _usable(self) -> WebSettings:
+        problems = []
+        if self.auth == "basic" and not (self.username and self.password):
+            problems.append("auth 'basic' needs username and password")
+        if ":" in self.username:
+            problems.append("username must not contain ':'")
+        if self.auth == "token" and len(self.token) < 16:
+            problems.append("auth 'token' needs a token of at least 16 characters")
+        for key in ("ohif_url", "stone_url", "weasis_dicomweb_url"):
+            value = getattr(self, key)
+            if value and not re.match(r"^https?://[^\s\"<>]+$", value):
+                problems.append(f"{key} must be an http(s) URL without spaces or quotes, got {value!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class BackfillSettings(_Section):
     """`mmdl-node backfill`: where the archive is, and how gently to crawl it."""
 
@@ -239,6 +273,7 @@ class Settings(_Section):
     query: QuerySettings = QuerySettings()
     hl7: Hl7Settings = Hl7Settings()
     metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
     backfill: BackfillSettings = BackfillSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -32,6 +32,9 @@ from dicom_node.retrieve import HeldSyntaxes
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
 from dicom_node.watchdog import AssociationWatchdog
+from dicom_node.web.app import WebContext, create_app
+from dicom_node.web.render import Renderer
+from dicom_node.web.serving import WebServer
 from indexer.catalog import Catalog
 from indexer.embedding import EmbeddingJob, Encoder
 from indexer.scheduler import JobScheduler
@@ -104,6 +107,7 @@ class Node:
         if removed:
             LOG.warning("removed %d partial files left by an interrupted receive", removed)
         self.catalog = Catalog(settings.catalog_url)
+        self.renderer = Renderer(self.store, data_dir / "thumbnails")  # pictures of stored images, for people
         params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
         self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
         self._snapshot_seq = self.index.seq
@@ -131,6 +135,7 @@ class Node:
         self._tempdir: str | None = None
         self.hl7: Hl7Listener | None = None
         self.http: MetricsServer | None = None
+        self.web: WebServer | None = None
         self._stop_lock = threading.Lock()
 
     @property
@@ -139,6 +144,14 @@ class Node:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
+        """Serve every configured door; a door that cannot start (a port in use) stops the others and raises."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         services = self.services
         handlers = [
             *NO_DELAY,
@@ -167,6 +180,10 @@ class Node:
             self.http = MetricsServer(self.settings.metrics, self.metrics.registry,
                                       lambda: health(self.dicom_up, self.catalog))
             self.http.start()
+        if self.settings.web.enabled:
+            self.web = WebServer(self.settings.web,
+                                 create_app(WebContext(self.settings, self.catalog, self.index, self.renderer)))
+            self.web.start()
         self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
         self.scheduler.add("housekeeping", self.housekeeping, min(5.0, node.message_timeout_s / 4))
@@ -207,10 +224,10 @@ class Node:
                 self._server.shutdown()
                 self._server = None
                 tempfile.tempdir = self._tempdir
-            for listener in (self.hl7, self.http):
+            for listener in (self.hl7, self.http, self.web):
                 if listener is not None:
                     listener.stop()
-            self.hl7 = self.http = None
+            self.hl7 = self.http = self.web = None
             self.scheduler.shutdown()
             self.job.close()
             self.snapshot()

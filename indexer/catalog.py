@@ -393,6 +393,33 @@ class Catalog:
             return [tuple(row) for row in session.execute(
                 select(Instance.sop_class_uid, Instance.transfer_syntax).distinct())]
 
+    def first_images(self, study_pks: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """For each study that has one, (SOPInstanceUID, stored path) of the image that shows it: the first
+        received of its embedded images, else of all its images (one not embedded yet, or failed)."""
+        first: dict[int, tuple[str, str]] = {}
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Series.study_pk, Instance.sop_uid, Instance.path)
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.study_pk.in_(study_pks), Instance.kind == Kind.IMAGE)
+                .order_by((Instance.state != State.INDEXED), Instance.id)
+            )
+            for study_pk, sop_uid, path in rows:
+                first.setdefault(study_pk, (sop_uid, path))
+        return first
+
+    def image_path(self, sop_uid: str) -> str | None:
+        """The stored path (relative to storage) of an image instance, or None when no such image is held."""
+        with self._sessions() as session:
+            return session.scalar(select(Instance.path).where(Instance.sop_uid == sop_uid, Instance.kind == Kind.IMAGE))
+
+    def current_reports(self, study_pks: Sequence[int]) -> dict[int, str]:
+        """The text of each study's current report (SR or HL7), for studies that have one."""
+        with self._sessions() as session:
+            return dict(session.execute(
+                select(Report.study_pk, Report.text).where(Report.study_pk.in_(study_pks), Report.current.is_(True))
+            ).all())
+
     def state_counts(self) -> dict[str, int]:
         """How many images and reports are in each state, e.g. {"image.pending": 3}."""
         counts: dict[str, int] = {}

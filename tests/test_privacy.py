@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 
@@ -14,8 +15,9 @@ pytestmark = pytest.mark.slow
 NAME, PATIENT_ID, REPORT = "Phimarker^Zelda", "PHI-ID-7781", "Phimarkertext nodular opacity"
 
 
-def exercise(node: NodeProcess, shared_data: Path, folder: Path) -> str:
-    """Store, index and query a study that carries marker PHI; return everything the node logged."""
+def exercise(node: NodeProcess, shared_data: Path, folder: Path, web_port: int) -> str:
+    """Store, index and query (DICOM and the web page) a study that carries marker PHI; return everything the
+    node logged."""
     png = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[0]
     uid = generate_uid()
     image = dx_from_png(png, uid, PATIENT_ID, "PHIACC1")
@@ -39,19 +41,28 @@ def exercise(node: NodeProcess, shared_data: Path, folder: Path) -> str:
         args = [a for k in keys for a in ("-k", k)]
         assert dcmtk("findscu", "-S", "-aec", called, "-k", "QueryRetrieveLevel=STUDY", *args,
                      "127.0.0.1", node.port).returncode == 0
+    web = f"http://127.0.0.1:{web_port}"
+    page = httpx.get(f"{web}/similar", params={"accession": "PHIACC1"})
+    assert page.status_code == 200 and NAME in page.text  # the page shows the query's own patient
+    assert httpx.get(f"{web}/api/studies/{uid}/similar").status_code == 200
+    assert httpx.get(f"{web}/similar", params={"accession": "PHIACC-UNKNOWN"}).status_code == 404
     node.stop()
     return node.log.read_text(errors="replace")
 
 
 @pytest.mark.parametrize("log_phi", [False, True])
 def test_no_phi_in_logs_unless_enabled(tmp_path: Path, random_model_dir: Path, shared_data: Path, log_phi: bool) -> None:
+    web_port = free_port()
     node = NodeProcess(tmp_path, random_model_dir, free_port(),
-                       extra=f'[logging]\nlevel = "DEBUG"\nlog_phi = {str(log_phi).lower()}\n')
+                       extra=f'[logging]\nlevel = "DEBUG"\nlog_phi = {str(log_phi).lower()}\n'
+                             f'[web]\nenabled = true\nport = {web_port}\n')
     node.start()
-    log = exercise(node, shared_data, tmp_path / "send")
+    log = exercise(node, shared_data, tmp_path / "send", web_port)
+    assert "similar page" in log
     assert "stored image instance" in log  # the log is really written, at DEBUG level
     hits = [marker for marker in ("Phimarker", PATIENT_ID) if marker in log]
     if log_phi:
         assert hits, "with log_phi on, pynetdicom's identifier dumps should show the markers"
     else:
         assert hits == []
+        assert "PHIACC" not in log  # nor accession numbers, which the page's URLs carry

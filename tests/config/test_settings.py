@@ -89,6 +89,34 @@ def test_relative_paths_are_taken_from_the_file_folder(tmp_path: Path) -> None:
     assert settings.model.path == tmp_path / "m"
 
 
+def test_web_settings_are_checked(tmp_path: Path) -> None:
+    defaults = load_settings(write(tmp_path, ""))
+    assert (defaults.web.enabled, defaults.web.host, defaults.web.port, defaults.web.auth) == (False, "127.0.0.1",
+                                                                                              8080, "none")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, """
+[web]
+auth = "token"
+token = "short"
+ohif_url = "javascript:alert(1)"
+"""))
+    problems = caught.value.problems
+    assert any(p.startswith("web:") and "token of at least 16" in p and "ohif_url must be an http(s) URL" in p
+               for p in problems)
+    with pytest.raises(ConfigError, match="web.tls: certificate and private_key are required"):
+        load_settings(write(tmp_path, '[web.tls]\nenabled = true\ncertificate = "a.crt"\n'))
+    with pytest.raises(ConfigError, match="web.port: "):
+        load_settings(write(tmp_path, "[web]\nport = 0\n"))
+    with pytest.raises(ConfigError, match="auth 'basic' needs username and password"):
+        load_settings(write(tmp_path, '[web]\nauth = "basic"\nusername = "reader"\n'))
+    with pytest.raises(ConfigError, match="web.tls.certificate: file not found"):
+        load_settings(write(tmp_path, '[web.tls]\nenabled = true\ncertificate = "a.crt"\nprivate_key = "a.key"\n'))
+    (tmp_path / "a.crt").write_text("x")
+    (tmp_path / "a.key").write_text("x")
+    web = load_settings(write(tmp_path, '[web.tls]\nenabled = true\ncertificate = "a.crt"\nprivate_key = "a.key"\n'))
+    assert web.web.tls.certificate == tmp_path / "a.crt"  # relative to the file's folder, like [tls]
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom.sop_class import BasicTextSRStorage, DigitalXRayImageStorageForPresentation
 
 ROOT = "1.2.826.0.1.3680043.8.498."
@@ -66,6 +67,15 @@ def dx_from_pixels(pixels: np.ndarray, study_uid: str, patient_id: str, accessio
     ds.HighBit = 11
     ds.PixelRepresentation = 0
     ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def undecodable(ds: Dataset) -> Dataset:
+    """``ds`` as well-formed DICOM (received and kept as sent) whose JPEG 2000 stream is not an image."""
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream" * 10])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     return ds
 
 

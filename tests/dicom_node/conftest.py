@@ -45,7 +45,7 @@ def openssl(*args: str | Path, cwd: Path) -> None:
     subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1, a client certificate from the CA and one self-signed."""
     d = tmp_path_factory.mktemp("pki")

@@ -40,7 +40,7 @@ from indexer.catalog import to_blob
 from indexer.schema import Instance, Study
 from models.observations import OBSERVATIONS
 from tests.conftest import REPO_ROOT
-from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
+from tests.dicom_node.builders import basic_text_sr, dx_from_png, save, undecodable
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
 FIND = StudyRootQueryRetrieveInformationModelFind
@@ -453,11 +453,7 @@ def test_undecodable_image_fails_alone(start_node: Callable[..., Node], studies:
     broken = dcmread(studies[1]["image"])
     broken.SOPInstanceUID = generate_uid()
     broken.StudyInstanceUID = generate_uid()
-    # Well-formed DICOM (received and kept as sent) whose JPEG 2000 stream is not an image.
-    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream" * 10])
-    broken["PixelData"].VR = "OB"
-    broken["PixelData"].is_undefined_length = True
-    broken.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    undecodable(broken)
     ae = AE("PACS")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, [JPEG2000Lossless])
     assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")

@@ -9,7 +9,11 @@ from pathlib import Path
 import pyorthanc
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.helpers import free_port, wait_until
+
+PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")  # Debian's orthanc-python
+SIMILAR_BUTTON = REPO_ROOT / "scripts" / "orthanc_similar_cases.py"
 
 # Orthanc's auto-routing rule: every stable study goes to the node, except what came from the node itself
 # (a study retrieved from the node by C-MOVE must not be sent back). Kept in sync with the README.
@@ -25,9 +29,10 @@ end
 
 
 class OrthancProcess:
-    """`Orthanc CONFIG` with the node registered under both AE titles; ``route`` adds the Lua rule."""
+    """`Orthanc CONFIG` with the node registered under both AE titles; ``route`` adds the Lua rule;
+    ``similar_page`` (the node's web URL) loads the repo's "Similar cases" Python plugin."""
 
-    def __init__(self, folder: Path, node_port: int, route: bool = True) -> None:
+    def __init__(self, folder: Path, node_port: int, route: bool = True, similar_page: str | None = None) -> None:
         if shutil.which("Orthanc") is None:
             pytest.fail("Orthanc not installed: apt-get install -y orthanc (.ci/run does)")
         folder.mkdir(parents=True, exist_ok=True)
@@ -51,6 +56,11 @@ class OrthancProcess:
                 "mmdl-similar": ["MMDL_SIMILAR", "127.0.0.1", node_port],
             },
         }
+        if similar_page is not None:
+            if not PYTHON_PLUGIN.is_file():
+                pytest.fail("orthanc-python not installed: apt-get install -y orthanc-python (.ci/run does)")
+            config.update(Plugins=[str(PYTHON_PLUGIN)], PythonScript=str(SIMILAR_BUTTON),
+                          MmdlSimilar={"PageUrl": similar_page})
         if route:
             (folder / "route.lua").write_text(ROUTING_LUA)
             config["LuaScripts"] = [str(folder / "route.lua")]

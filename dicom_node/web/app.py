@@ -1,0 +1,175 @@
+"""The node's web application (ASGI, Starlette): every HTTP route the node serves, in one list.
+
+``create_app`` builds it from a ``WebContext``; ``routes`` below is the one place where pages, APIs and
+mounted applications are added. Everything sits behind the configured authentication.
+Logs carry UIDs and status codes only, never patient names, IDs, accession numbers or report text.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+from dataclasses import asdict, dataclass
+
+from jinja2 import Environment, PackageLoader
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from config.settings import Settings, WebSettings
+from dicom_node.errors import NodeError
+from dicom_node.similar import NotIndexedError, UnknownStudyError
+from dicom_node.storage import check_uid
+from dicom_node.web.render import Renderer
+from dicom_node.web.similar_page import find_answer, similar_request
+from indexer.catalog import Catalog
+from indexer.vector_index import VectorIndex
+from models.errors import ModelError
+
+LOG = logging.getLogger(__name__)
+
+VIEWER_NAMES = {"ohif": "OHIF", "stone": "Stone Web Viewer", "weasis": "Weasis"}
+# The page runs no script, loads images from the node only, and sends no Referer (URLs carry study UIDs).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class WebContext:
+    """What the web routes read: the settings, the catalog, the index and the thumbnail renderer."""
+
+    settings: Settings
+    catalog: Catalog
+    index: VectorIndex
+    renderer: Renderer
+
+
+_TEMPLATES = Environment(loader=PackageLoader("dicom_node.web", "templates"), autoescape=True)
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", "")
+
+
+def _error(request: Request, status: int, title: str, message: str) -> Response:
+    """An error answer in the client's format (JSON for the API, HTML for a browser)."""
+    if _wants_json(request):
+        return JSONResponse({"error": title, "detail": message}, status)
+    page = _TEMPLATES.get_template("error.html").render(title=title, message=message)
+    return HTMLResponse(page, status, headers=PAGE_HEADERS)
+
+
+def _status_of(error: NodeError) -> tuple[int, str]:
+    """The HTTP status and title of an error of the similar-case search (the one place they are mapped)."""
+    if isinstance(error, UnknownStudyError):
+        return 404, "Unknown study"
+    if isinstance(error, NotIndexedError):
+        return 409, "Study not indexed yet"
+    return 400, "Bad request"
+
+
+class Pages:
+    """The route handlers; plain functions, so Starlette runs them in its thread pool (catalog, files)."""
+
+    def __init__(self, context: WebContext) -> None:
+        self.context = context
+
+    def similar(self, request: Request) -> Response:
+        """GET /studies/{uid}/similar, /similar?accession=..., and their /api/ twins."""
+        options = dict(request.query_params)
+        accession = options.pop("accession", "")
+        study_uid = request.path_params.get("study_uid", "")
+        if not study_uid and not accession:
+            return _error(request, 400, "Bad request", "name a study: /studies/{StudyInstanceUID}/similar or "
+                                                       "/similar?accession=...")
+        try:
+            identifier = similar_request(study_uid, accession, options)
+            answer = find_answer(self.context.settings, self.context.catalog, self.context.index, identifier,
+                                 lambda sop_uid: str(request.url_for("thumbnail", sop_uid=sop_uid).path))
+        except NodeError as error:
+            status, title = _status_of(error)
+            LOG.info("similar page: %d %s", status, title)
+            return _error(request, status, title, str(error))
+        LOG.info("similar page: study %s, %d similar", answer.query.case.study_uid, len(answer.similar))
+        if _wants_json(request):
+            return JSONResponse(asdict(answer), headers={"Cache-Control": "no-store"})
+        page = _TEMPLATES.get_template("similar.html").render(
+            answer=answer, viewer_names=VIEWER_NAMES, size=self.context.settings.web.thumbnail_size)
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    def thumbnail(self, request: Request) -> Response:
+        """GET /thumbnails/{SOPInstanceUID}.jpg: the cached windowed JPEG of a stored image."""
+        sop_uid = request.path_params["sop_uid"]
+        try:
+            relative = self.context.catalog.image_path(check_uid(sop_uid, "SOPInstanceUID"))
+        except NodeError as error:
+            return _error(request, 404, "Unknown image", str(error))
+        if relative is None:
+            return _error(request, 404, "Unknown image", f"no stored image {sop_uid}")
+        try:
+            path = self.context.renderer.thumbnail(relative, sop_uid, self.context.settings.web.thumbnail_size)
+        except ModelError as error:
+            LOG.warning("thumbnail of %s not rendered: %s", sop_uid, type(error).__name__)
+            return _error(request, 422, "Image not renderable", f"the stored image {sop_uid} cannot be rendered")
+        return FileResponse(path, media_type="image/jpeg",
+                            headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+
+def routes(context: WebContext) -> list[BaseRoute]:
+    """Every route and mount of the node's web server."""
+    pages = Pages(context)
+    return [
+        Route("/studies/{study_uid}/similar", pages.similar, methods=["GET"]),
+        Route("/similar", pages.similar, methods=["GET"]),
+        Route("/api/studies/{study_uid}/similar", pages.similar, methods=["GET"]),
+        Route("/api/similar", pages.similar, methods=["GET"]),
+        Route("/thumbnails/{sop_uid}.jpg", pages.thumbnail, methods=["GET"], name="thumbnail"),
+    ]
+
+
+class Authentication:
+    """ASGI middleware: HTTP basic or bearer-token authentication, as configured; compared in constant time."""
+
+    def __init__(self, app: ASGIApp, web: WebSettings) -> None:
+        self.app = app
+        self.web = web
+        basic = web.auth == "basic"
+        self.challenge = 'Basic realm="mmdl-node", charset="UTF-8"' if basic else 'Bearer realm="mmdl-node"'
+
+    def accepts(self, authorization: str) -> bool:
+        scheme, _, credentials = authorization.partition(" ")
+        credentials = credentials.strip()
+        if self.web.auth == "token":
+            return scheme.lower() == "bearer" and secrets.compare_digest(credentials.encode(), self.web.token.encode())
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user_ok = secrets.compare_digest(user.encode(), self.web.username.encode())
+        password_ok = secrets.compare_digest(password.encode(), self.web.password.encode())
+        return user_ok and password_ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.accepts(Headers(scope=scope).get("authorization", "")):
+            await self.app(scope, receive, send)
+            return
+        response = PlainTextResponse("authentication required\n", 401, headers={"WWW-Authenticate": self.challenge})
+        await response(scope, receive, send)
+
+
+def create_app(context: WebContext) -> ASGIApp:
+    """The node's ASGI application, behind the configured authentication."""
+    app: ASGIApp = Starlette(routes=routes(context))
+    if context.settings.web.auth != "none":
+        app = Authentication(app, context.settings.web)
+    return app
