@@ -142,6 +142,8 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
             if value == "true":
                 query.warnings.append("The fuzzymatching parameter is not supported. "
                                       "Only literal matching has been performed.")
+        elif name in ("accept", "charset"):
+            continue  # content negotiation (see _accept), not a query key
         elif name == "includefield":
             for item in filter(None, (v.strip() for v in value.split(","))):
                 if item == "all":
@@ -176,8 +178,14 @@ def _warning(texts: list[str]) -> dict[str, str]:
     return {"Warning": ", ".join(f'299 {WARN_AGENT} "{t}"' for t in texts)} if texts else {}
 
 
+def _accept(request: Request) -> list[MediaRange]:
+    """The acceptable media types: the ``accept`` query parameter, which PS3.18 8.3.3.1 puts before the
+    Accept header (browsers cannot set headers on an <img>), else the header."""
+    return parse_accept(request.query_params.get("accept") or request.headers.get("accept", ""))
+
+
 def _dicom_json(request: Request, body: list[dict[str, Any]], warnings: list[str] | None = None) -> Response:
-    if choose(parse_accept(request.headers.get("accept", "")), [DICOM_JSON, "application/json"]) is None:
+    if choose(_accept(request), [DICOM_JSON, "application/json"]) is None:
         raise DicomWebError(406, f"this resource is offered as {DICOM_JSON}")
     return JSONResponse(body, media_type=DICOM_JSON, headers=_warning(warnings or []))
 
@@ -281,7 +289,7 @@ class DicomWeb:
     def retrieve(self, request: Request) -> Response:
         """Instances as Part 10 files in a multipart/related answer, each in a syntax the Accept allows."""
         _, found = self._resource(request)
-        wishes = multipart_wishes(parse_accept(request.headers.get("accept", "")), DICOM)
+        wishes = multipart_wishes(_accept(request), DICOM)
         plan = []
         for path, _, stored in found:
             syntax = next(filter(None, (_instance_syntax(part, wanted, stored) for part, wanted in wishes)), "")
@@ -305,7 +313,7 @@ class DicomWeb:
         _, found = self._resource(request)
         path, _, stored = found[0]
         numbers = _frame_numbers(request.path_params["frames"])
-        wishes = multipart_wishes(parse_accept(request.headers.get("accept", "")), OCTET_STREAM)
+        wishes = multipart_wishes(_accept(request), OCTET_STREAM)
         native = next((c for c in (_frame_choice(part, wanted, stored) for part, wanted in wishes) if c is not None),
                       None)
         if native is None:
@@ -376,7 +384,7 @@ def _frame_numbers(text: str) -> list[int]:
 
 
 def _picture_type(request: Request) -> str:
-    media_type = choose(parse_accept(request.headers.get("accept", "")), ["image/jpeg", "image/png"])
+    media_type = choose(_accept(request), ["image/jpeg", "image/png"])
     if media_type is None:
         raise DicomWebError(406, "rendered images are offered as image/jpeg or image/png")
     return media_type
