@@ -7,9 +7,10 @@
 The viewer and the node's DICOMweb roots share one origin: this server answers OHIF's files itself
 (any other path falls back to ``index.html``, OHIF being a single-page app) and forwards ``/dicomweb``
 and ``/dicomweb-similar`` to the node, so the browser needs no CORS and the node's authentication
-(an ``Authorization`` header) passes through unchanged. ``/app-config.js`` is written here: the default
-data source is the archive root; a second one, ``similar``, lists the similar studies of an accession
-number typed in OHIF's study list (``/?datasources=similar``). Only the Python standard library is used.
+(an ``Authorization`` header) passes through unchanged. ``/app-config.js`` is written here: one data
+source, the archive root. Similar cases reach OHIF as a pair of studies in the viewer URL; OHIF's study list
+(3.13) filters by patient, date, modality and description only, so it cannot name the query study that the
+``/dicomweb-similar`` search needs. Only the Python standard library is used.
 """
 from __future__ import annotations
 
@@ -57,15 +58,16 @@ def fetch(version: str = OHIF_VERSION, cache: Path = CACHE) -> Path:
     return dist
 
 
-def data_source(name: str, root: str, friendly: str, wildcard: bool) -> dict[str, Any]:
-    """One OHIF DICOMweb data source on this origin (QIDO, WADO-RS series metadata, frames as stored)."""
-    return {
+def app_config() -> str:
+    """OHIF's ``app-config.js``: the node's archive root on this origin as the one DICOMweb data source
+    (QIDO search, WADO-RS series metadata, frames as stored, the node's thumbnails)."""
+    archive = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-        "sourceName": name,
+        "sourceName": "mmdl",
         "configuration": {
-            "friendlyName": friendly,
-            "name": name,
-            "qidoRoot": root,
+            "friendlyName": "mmdl-node",
+            "name": "mmdl",
+            "qidoRoot": "/dicomweb",
             "wadoRoot": "/dicomweb",
             "wadoUriRoot": "/dicomweb",
             "qidoSupportsIncludeField": True,
@@ -73,17 +75,13 @@ def data_source(name: str, root: str, friendly: str, wildcard: bool) -> dict[str
             "thumbnailRendering": "thumbnail",  # the node's cached, windowed JPEG
             "enableStudyLazyLoad": True,
             "supportsFuzzyMatching": False,
-            "supportsWildcard": wildcard,
+            "supportsWildcard": True,
             "staticWado": False,
             "singlepart": "",
             "bulkDataURI": {"enabled": True},
             "omitQuotationForMultipartRequest": True,
         },
     }
-
-
-def app_config() -> str:
-    """OHIF's ``app-config.js``: the archive as the default data source, the similar-case root beside it."""
     config = {
         "routerBasename": "/",
         "extensions": [],
@@ -94,11 +92,7 @@ def app_config() -> str:
         "showCPUFallbackMessage": False,
         "defaultDataSourceName": "mmdl",
         "investigationalUseDialog": {"option": "never"},
-        "dataSources": [
-            data_source("mmdl", "/dicomweb", "mmdl-node archive", True),
-            # the similar-case search names one study exactly: no wildcards around the accession number
-            data_source("similar", "/dicomweb-similar", "mmdl-node similar cases", False),
-        ],
+        "dataSources": [archive],
     }
     return f"window.config = {json.dumps(config, indent=2)};\n"
 

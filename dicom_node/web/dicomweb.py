@@ -8,9 +8,9 @@ Two roots:
   ``StudyInstanceUID`` or ``AccessionNumber`` names the query study; the answers are its most similar
   other studies, best first, ``StudyDescription`` reading ``#1 sim 0.93: Cardiomegaly`` as over DIMSE,
   the private MMDL block carrying score, rank and findings. A separate root (rather than a non-standard
-  ``similar-to`` parameter) because a DICOMweb client, OHIF included, can only be pointed at a root: a
-  second OHIF data source whose ``qidoRoot`` is this one lists the similar studies of an accession number
-  typed in its study list filter.
+  ``similar-to`` parameter) because a DICOMweb client is configured with roots and sends standard keys:
+  any QIDO client can ask it. (OHIF's study list cannot name the query study; OHIF shows a similar pair
+  by the two Study Instance UIDs in its viewer URL, served from the archive root.)
 """
 from __future__ import annotations
 

@@ -115,3 +115,4 @@ def test_ohif_opens_a_study_beside_its_most_similar(server: Server, ohif: str, b
                  "&hangingProtocolId=@ohif/hpCompare")
     boxes = rendered_viewports(browser, 2, artefacts / "ohif-similar.png")
     assert boxes[0][0] != boxes[1][0], "the two studies side by side"
+
