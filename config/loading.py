@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from config.settings import Settings, TlsSettings
-
-SectionT = TypeVar("SectionT", bound=BaseModel)
+from config.settings import Settings
 
 
 class ConfigError(ValueError):

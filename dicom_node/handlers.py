@@ -14,19 +14,17 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
-from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from dicom_node.errors import NodeError
-from dicom_node.identifiers import instance_values, response, series_values, study_values
+from dicom_node.identifiers import response, row_values
 from dicom_node.ingest import IngestResult, Ingestor, read_received
 from dicom_node.metrics import Metrics
-from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
+from dicom_node.matching import iter_matches, matching_instances, query_level
 from dicom_node.retrieve import (
     HeldSyntaxes,
     Receiver,
@@ -245,15 +243,6 @@ def _pages(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield page
 
 
-def _values(session: Session, level: str, page: list[Any]) -> Iterator[dict[str, Any]]:
-    if level == "STUDY":
-        summaries = study_summary(session, [row.id for row in page])
-        return (study_values(row, summaries.get(row.id)) for row in page)
-    if level == "SERIES":
-        return (series_values(row) for row in page)
-    return (instance_values(row) for row in page)
-
-
 def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
     request = event.identifier
     try:
@@ -265,7 +254,7 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
     retrieve_ae = called_ae(event)
     with services.catalog.session() as session:
         for page in _pages(iter_matches(session, request, level), 100):
-            for values in _values(session, level, page):
+            for values in row_values(session, level, page):
                 if event.is_cancelled:
                     yield Status.CANCEL, None
                     return

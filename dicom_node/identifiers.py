@@ -1,11 +1,14 @@
 """C-FIND response identifiers: the requested keys, filled from catalog rows."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
 
+from dicom_node.matching import study_summary
 from indexer.schema import Instance, Series, Study
 
 RESPONSE_CHARSET = "ISO_IR 192"  # the catalog holds decoded text; answer in UTF-8
@@ -53,6 +56,16 @@ def instance_values(instance: Instance) -> dict[str, Any]:
         "SOPClassUID": instance.sop_class_uid,
         "InstanceNumber": instance.instance_number,
     }
+
+
+def row_values(session: Session, level: str, rows: list[Any]) -> Iterator[dict[str, Any]]:
+    """The values of matched catalog rows at ``level`` (studies with their modalities and counts)."""
+    if level == "STUDY":
+        summaries = study_summary(session, [row.id for row in rows])
+        return (study_values(row, summaries.get(row.id)) for row in rows)
+    if level == "SERIES":
+        return (series_values(row) for row in rows)
+    return (instance_values(row) for row in rows)
 
 
 def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: str) -> Dataset:

@@ -147,9 +147,11 @@ def matching_instances(session: Session, identifier: Dataset) -> list[tuple[str,
     return [tuple(row) for row in session.execute(stmt.order_by(Series.id, Instance.id))]
 
 
-def iter_matches(session: Session, identifier: Dataset, level: str) -> Iterator[Any]:
-    """Each matching row at ``level``, streamed so that a broad query does not load everything."""
-    stmt = build_query(identifier, level)
+def iter_matches(session: Session, identifier: Dataset, level: str, limit: int | None = None,
+                 offset: int = 0) -> Iterator[Any]:
+    """Each matching row at ``level`` (``limit`` of them after the first ``offset``), streamed so that a broad
+    query does not load everything."""
+    stmt = build_query(identifier, level).offset(offset).limit(limit)
     if level == "SERIES":
         stmt = stmt.options(joinedload(Series.study))
     elif level == "IMAGE":
