@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -26,12 +26,15 @@ from dicom_node.identifiers import instance_values, response, series_values, stu
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import Metrics
 from dicom_node.matching import iter_matches, matching_instances, query_level, study_summary
-from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
+from dicom_node.similar import NotIndexedError, UnknownStudyError, sheet_requested, similar_responses
 from dicom_node.sop_classes import UNCOMPRESSED
 from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
 from indexer.catalog import AddOutcome, Catalog
 from indexer.vector_index import VectorIndex
+
+if TYPE_CHECKING:
+    from dicom_node.reference_sheet import ReferenceSheets
 
 LOG = logging.getLogger(__name__)
 Answer = tuple[Any, Dataset | None]
@@ -47,6 +50,7 @@ class Services:
     ingestor: Ingestor
     index: VectorIndex
     metrics: Metrics
+    sheets: ReferenceSheets | None = None  # the reference-sheet option of similar-case queries
 
 
 def status(code: Status, comment: str = "") -> Dataset:
@@ -163,6 +167,7 @@ def handle_find(event: Event, services: Services) -> Iterator[Answer]:
 def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     retrieve_ae = services.settings.node.similar_ae_title
     try:
+        wants_sheet = sheet_requested(event.identifier)
         answers = similar_responses(services.catalog, services.index, event.identifier,
                                     services.settings.query, retrieve_ae)
     except NodeError as error:
@@ -173,6 +178,8 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
         yield status(code, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
+    if wants_sheet and answers and services.sheets is not None:
+        services.sheets.request(event.identifier)
     for answer in answers:
         if event.is_cancelled:
             yield Status.CANCEL, None

@@ -26,6 +26,7 @@ from dicom_node.handlers import (
 from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import CatalogCollector, Metrics, MetricsServer, health
+from dicom_node.reference_sheet import ReferenceSheets
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
 from dicom_node.watchdog import AssociationWatchdog
@@ -98,8 +99,9 @@ class Node:
         self._snapshot_seq = self.index.seq
         self.metrics = Metrics()
         self.metrics.registry.register(CatalogCollector(self.catalog, lambda: len(self.index)))
-        self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index,
-                                 self.metrics)
+        ingestor = Ingestor(self.store, self.catalog)
+        self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor)
+        self.services = Services(settings, self.catalog, self.store, ingestor, self.index, self.metrics, self.sheets)
         self.job = EmbeddingJob(
             self.catalog,
             self.index,
@@ -152,6 +154,8 @@ class Node:
         self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
         self.scheduler.add("housekeeping", self.housekeeping, min(5.0, node.message_timeout_s / 4))
+        if self.settings.reference_sheet.for_every_new_study:
+            self.scheduler.add("reference_sheets", self.sheets.create_for_new_studies, 5.0)
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
                  node.host, self.port, len(self.index))
@@ -194,6 +198,7 @@ class Node:
                     listener.stop()
             self.hl7 = self.http = None
             self.scheduler.shutdown()
+            self.sheets.close()
             self.job.close()
             self.snapshot()
             self.catalog.close()
