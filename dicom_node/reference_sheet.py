@@ -19,9 +19,11 @@ import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -43,6 +45,9 @@ from indexer.catalog import Catalog
 from indexer.schema import Instance, Kind, Series, State, Study
 from indexer.vector_index import VectorIndex
 
+if TYPE_CHECKING:
+    from dicom_node.web.render import Renderer
+
 LOG = logging.getLogger(__name__)
 
 LABEL = "Reference cases - not this patient"
@@ -58,6 +63,11 @@ FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")  # Debian fonts-dejavu-core
 class SheetError(NodeError):
     def __init__(self, study_uid: str, reason: str) -> None:
         super().__init__(f"reference sheet of {study_uid}: {reason}")
+
+
+class SheetsDisabledError(NodeError):
+    def __init__(self) -> None:
+        super().__init__("reference sheets are not built on request here ([reference_sheet] enabled = false)")
 
 
 @dataclass(frozen=True)
@@ -236,14 +246,19 @@ class ReferenceSheets:
                               top_k=top_k or self.settings.reference_sheet.top_k,
                               min_score=query.min_score, exclude_same_patient=query.exclude_same_patient)
 
-    def create(self, study_uid: str, request: SimilarRequest | None = None, sop_uid: str = "") -> SheetResult:
-        """Build the sheet of a study's similar cases, keep it, send it to the configured peer.
+    def create(self, study_uid: str, request: SimilarRequest | None = None) -> SheetResult:
+        """On request (the HTTP POST, the C-FIND option): build the sheet of a study's similar cases, keep it,
+        and send it to the configured peer.
 
-        Raises UnknownStudyError / NotIndexedError (from the search) and SheetError (nothing to show,
-        or the node refused to keep it)."""
-        request = request or self.default_request(study_uid)
+        Raises SheetsDisabledError unless ``[reference_sheet] enabled``, UnknownStudyError / NotIndexedError
+        (from the search), and SheetError (no case to show, or the node refused to keep it)."""
+        if not self.settings.reference_sheet.enabled:
+            raise SheetsDisabledError()
+        return self._build(request or self.default_request(study_uid))
+
+    def _build(self, request: SimilarRequest, sop_uid: str = "") -> SheetResult:
         if request.top_k > MAX_CASES:
-            request = SimilarRequest(**{**request.__dict__, "top_k": MAX_CASES})
+            request = replace(request, top_k=MAX_CASES)
         with self._lock:
             hits = find_similar(self.catalog, self.index, request)
             study = self.catalog.find_study(request.study_uid, request.accession_number)
@@ -265,11 +280,7 @@ class ReferenceSheets:
 
     def request(self, identifier: Dataset) -> None:
         """A similar-case C-FIND asked for a sheet: build it in the background, with the query's own options."""
-        if not self.settings.reference_sheet.enabled:
-            LOG.warning("a reference sheet was requested but [reference_sheet] enabled = false: not built")
-            return
-        request = parse_request(identifier, self.settings.query)
-        self._worker.submit(self._create_logged, request)
+        self._worker.submit(self._create_logged, parse_request(identifier, self.settings.query))
 
     def _create_logged(self, request: SimilarRequest) -> None:
         try:
@@ -284,7 +295,7 @@ class ReferenceSheets:
         built = 0
         for study_uid in self._studies_without_sheet(limit):
             try:
-                self.create(study_uid, sop_uid=automatic_sheet_uid(study_uid))
+                self._build(self.default_request(study_uid), sop_uid=automatic_sheet_uid(study_uid))
                 built += 1
             except NodeError as error:  # e.g. no similar case yet: this study is retried next time
                 LOG.warning("reference sheet not built: %s", error)
@@ -318,17 +329,20 @@ class ReferenceSheets:
             raise SheetError(study.study_uid, "the study holds no instance to take its attributes from")
         return dcmread(self.store.absolute(paths[0]), stop_before_pixels=True)
 
-    def _picture(self, hit: Hit) -> Image.Image | None:
-        """The first embedded image of the hit's study not flagged as carrying burned-in text, fitted to a tile."""
+    @cached_property
+    def _renderer(self) -> Renderer:
         from dicom_node.web.render import Renderer  # imported here: it imports the image decoder (torch)
 
-        renderer = Renderer(self.store, self.settings.node.data_dir / "thumbnails")
+        return Renderer(self.store, self.settings.node.data_dir / "thumbnails")
+
+    def _picture(self, hit: Hit) -> Image.Image | None:
+        """The first embedded image of the hit's study not flagged as carrying burned-in text, fitted to a tile."""
         for relative in self._paths(hit.study.id, (Kind.IMAGE,), indexed_only=True):
             header = dcmread(self.store.absolute(relative), stop_before_pixels=True,
                              specific_tags=["BurnedInAnnotation"])
             if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":
                 continue
-            return renderer.picture(relative, TILE)
+            return self._renderer.picture(relative, TILE)
         return None
 
     @staticmethod

@@ -15,9 +15,16 @@ from sqlalchemy import select
 
 from config import settings_from_mapping
 from config.loading import ConfigError
-from dicom_node.reference_sheet import LABEL, SERIES_DESCRIPTION, TILE, Layout, automatic_sheet_uid
+from dicom_node.reference_sheet import (
+    LABEL,
+    SERIES_DESCRIPTION,
+    TILE,
+    Layout,
+    SheetsDisabledError,
+    automatic_sheet_uid,
+)
 from dicom_node.server import Node
-from dicom_node.sheet_marker import SHEET_CREATOR, SHEET_GROUP, is_reference_sheet
+from dicom_node.sheet_marker import SHEET_CASES, SHEET_CREATOR, SHEET_GROUP, is_reference_sheet
 from dicom_node.similar import PRIVATE_CREATOR, PRIVATE_GROUP, REFERENCE_SHEET, find_similar
 from dicom_node.status import Status
 from dicom_node.web.render import Renderer
@@ -66,7 +73,7 @@ def _strings(ds: Dataset) -> list[str]:
 
 def test_sheet_is_a_valid_sc_of_the_query_study_with_only_its_patient(start_node: Callable[..., Node],
                                                                       studies: list[dict[str, object]]) -> None:
-    node = _loaded(start_node, studies)
+    node = _loaded(start_node, studies, reference_sheet={"enabled": True})
     query = studies[1]
     result = node.sheets.create(str(query["uid"]), node.sheets.default_request(str(query["uid"]), top_k=3))
     assert result.cases == 3 and result.send_status is None  # no destination configured
@@ -104,7 +111,7 @@ def test_sheet_is_a_valid_sc_of_the_query_study_with_only_its_patient(start_node
 
 def test_sheet_pixels_show_the_k_cases_pictures(start_node: Callable[..., Node],
                                                studies: list[dict[str, object]]) -> None:
-    node = _loaded(start_node, studies)
+    node = _loaded(start_node, studies, reference_sheet={"enabled": True})
     request = node.sheets.default_request(str(studies[0]["uid"]), top_k=4)
     hits = find_similar(node.catalog, node.index, request)
     result = node.sheets.create(request.study_uid, request)
@@ -130,7 +137,7 @@ def test_sheet_pixels_show_the_k_cases_pictures(start_node: Callable[..., Node],
 
 def test_sheet_is_never_embedded_and_changes_no_answer(start_node: Callable[..., Node],
                                                        studies: list[dict[str, object]]) -> None:
-    node = _loaded(start_node, studies)
+    node = _loaded(start_node, studies, reference_sheet={"enabled": True})
     before = {s["uid"]: _answers(node, str(s["uid"])) for s in studies}
     vector_before = node.catalog.find_study(str(studies[2]["uid"])).vector
     node.sheets.create(str(studies[2]["uid"]))
@@ -158,6 +165,7 @@ def test_cfind_option_builds_and_sends_the_sheet_answers_unchanged(start_node: C
     (row,) = _sheet_rows(node)
     assert received.SOPInstanceUID == row.sop_uid and received.StudyInstanceUID == uid
     assert received.SOPClassUID == SecondaryCaptureImageStorage and received.PatientID == studies[3]["patient"]
+    assert received.private_block(SHEET_GROUP, SHEET_CREATOR)[SHEET_CASES].value == len(plain)  # the query's cases
 
     query = study_query(StudyInstanceUID=uid)
     query.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(REFERENCE_SHEET, "CS", "MAYBE")
@@ -185,3 +193,15 @@ def test_every_new_study_gets_one_sheet_across_restarts(start_node: Callable[...
 def test_sheet_destination_must_be_a_peer() -> None:
     with pytest.raises(ConfigError, match="reference_sheet.destination"):
         settings_from_mapping({"reference_sheet": {"destination": "PACS"}})
+
+
+def test_sheets_on_request_only_when_enabled(start_node: Callable[..., Node],
+                                            studies: list[dict[str, object]]) -> None:
+    node = _loaded(start_node, studies)  # [reference_sheet] enabled = false, the default
+    uid = str(studies[0]["uid"])
+    with pytest.raises(SheetsDisabledError):
+        node.sheets.create(uid)
+    plain = _answers(node, uid)
+    assert _answers(node, uid, sheet="YES") == plain  # answered as usual
+    node.sheets.close()  # waits for the background request to end
+    assert not _sheet_rows(node)
