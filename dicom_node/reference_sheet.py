@@ -88,7 +88,7 @@ class Layout:
 
     cases: int
     font_px: int = 17
-    header_px: int = 64
+    header_px: int = 100  # the label, and under it the note in up to two lines
 
     @property
     def columns(self) -> int:
@@ -139,13 +139,17 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: 
     return out
 
 
-def render_sheet(cases: list[tuple[Image.Image | None, str]]) -> np.ndarray:
+def render_sheet(cases: list[tuple[Image.Image | None, str]], model_version: str) -> np.ndarray:
     """The montage: each case's picture (None: a placeholder) fitted into its tile, its caption under it."""
     layout = Layout(len(cases))
     sheet = Image.new("L", layout.size, 0)
     draw = ImageDraw.Draw(sheet)
-    draw.text((PAD, PAD), LABEL, fill=255, font=_font(30, bold=True))
+    title = _font(30, bold=True)
+    draw.text((PAD, PAD), LABEL, fill=255, font=title)
     caption = _font(layout.font_px)
+    note = f"similar prior studies of other patients, ranked by {model_version}; research software, not for diagnosis"
+    for n, line in enumerate(_wrap(note, caption, layout.size[0] - 2 * PAD, 2)):
+        draw.text((PAD, PAD + 40 + n * layout.line_px), line, fill=160, font=caption)
     for index, (picture, text) in enumerate(cases):
         left, top, right, bottom = layout.tile_box(index)
         if picture is None:
@@ -266,10 +270,10 @@ class ReferenceSheets:
             if not hits:
                 raise SheetError(study.study_uid, "no similar case to show")
             reference = self._reference(study)
-            pixels = render_sheet([(self._picture(hit), self._caption(hit)) for hit in hits])
+            model_version = hits[0].study.model_version
+            pixels = render_sheet([(self._picture(hit), self._caption(hit)) for hit in hits], model_version)
             number = self._sheet_count(study.id) + 1
-            ds = build_dataset(reference, pixels, sop_uid or str(generate_uid()), number, len(hits),
-                               hits[0].study.model_version)
+            ds = build_dataset(reference, pixels, sop_uid or str(generate_uid()), number, len(hits), model_version)
             path = self._keep(ds)
         sent = self._send(path)
         LOG.info("reference sheet %s of study %s: %d cases, sent to %s with status %s", ds.SOPInstanceUID,
