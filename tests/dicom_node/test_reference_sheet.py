@@ -30,7 +30,7 @@ from dicom_node.status import Status
 from dicom_node.web.render import Renderer
 from indexer.schema import Instance, Kind, Series, State, Study
 from tests.dicom_node.test_node import find, indexed, storescp, storescu, studies, study_query  # noqa: F401 (fixtures)
-from tests.helpers import wait_until
+from tests.helpers import dcmtk, wait_until
 
 
 def _loaded(start_node: Callable[..., Node], studies: list[dict[str, object]], **sections: object) -> Node:
@@ -152,7 +152,8 @@ def test_sheet_is_never_embedded_and_changes_no_answer(start_node: Callable[...,
 
 def test_cfind_option_builds_and_sends_the_sheet_answers_unchanged(start_node: Callable[..., Node],
                                                                    studies: list[dict[str, object]],
-                                                                   storescp: tuple[int, Path]) -> None:
+                                                                   storescp: tuple[int, Path],
+                                                                   tmp_path: Path) -> None:
     port, out = storescp
     node = _loaded(start_node, studies, peers=[{"ae_title": "WORKSTATION", "host": "127.0.0.1", "port": port}],
                    reference_sheet={"enabled": True, "destination": "WORKSTATION"})
@@ -166,6 +167,16 @@ def test_cfind_option_builds_and_sends_the_sheet_answers_unchanged(start_node: C
     assert received.SOPInstanceUID == row.sop_uid and received.StudyInstanceUID == uid
     assert received.SOPClassUID == SecondaryCaptureImageStorage and received.PatientID == studies[3]["patient"]
     assert received.private_block(SHEET_GROUP, SHEET_CREATOR)[SHEET_CASES].value == len(plain)  # the query's cases
+
+    # the README's dcmtk commands ask for one too (findscu -k cannot set a private key: a query file can)
+    (tmp_path / "query.txt").write_text(f"(0008,0052) CS [STUDY]\n(0020,000d) UI [{uid}]\n(0008,1030) LO []\n"
+                                        "(0099,0010) LO [MMDL SIMILARITY 1.0]\n(0099,1005) CS [YES]\n")
+    assert dcmtk("dump2dcm", tmp_path / "query.txt", tmp_path / "query.dcm").returncode == 0
+    asked = dcmtk("findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "127.0.0.1", node.port,
+                  tmp_path / "query.dcm")
+    assert asked.returncode == 0, asked.stderr
+    wait_until(lambda: len(list(out.iterdir())) == 2, 60, "a second sheet to reach the peer")
+    assert len(_sheet_rows(node)) == 2
 
     query = study_query(StudyInstanceUID=uid)
     query.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(REFERENCE_SHEET, "CS", "MAYBE")
