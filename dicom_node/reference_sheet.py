@@ -65,6 +65,17 @@ class SheetError(NodeError):
         super().__init__(f"reference sheet of {study_uid}: {reason}")
 
 
+class NoSimilarCaseError(SheetError):
+    def __init__(self, study_uid: str) -> None:
+        super().__init__(study_uid, "no similar case to show")
+
+
+class SheetNotSentError(SheetError):
+    def __init__(self, study_uid: str, destination: str, status: int | None) -> None:
+        answer = "no association" if status is None else f"status 0x{status:04X}"
+        super().__init__(study_uid, f"{destination} did not take it ({answer}); not kept, built again later")
+
+
 class SheetsDisabledError(NodeError):
     def __init__(self) -> None:
         super().__init__("reference sheets are not built on request here ([reference_sheet] enabled = false)")
@@ -260,7 +271,9 @@ class ReferenceSheets:
             raise SheetsDisabledError()
         return self._build(request or self.default_request(study_uid))
 
-    def _build(self, request: SimilarRequest, sop_uid: str = "") -> SheetResult:
+    def _build(self, request: SimilarRequest, sop_uid: str = "", must_send: bool = False) -> SheetResult:
+        """Search, render, build; send, then keep. With ``must_send``, a sheet the peer did not take is not
+        kept either (SheetNotSentError), so that the every-new-study job builds and sends it again later."""
         if request.top_k > MAX_CASES:
             request = replace(request, top_k=MAX_CASES)
         with self._lock:
@@ -268,19 +281,26 @@ class ReferenceSheets:
             study = self.catalog.find_study(request.study_uid, request.accession_number)
             assert study is not None  # find_similar found it
             if not hits:
-                raise SheetError(study.study_uid, "no similar case to show")
+                raise NoSimilarCaseError(study.study_uid)
             reference = self._reference(study)
             model_version = hits[0].study.model_version
             pixels = render_sheet([(self._picture(hit), self._caption(hit)) for hit in hits], model_version)
             number = self._sheet_count(study.id) + 1
             ds = build_dataset(reference, pixels, sop_uid or str(generate_uid()), number, len(hits), model_version)
-            path = self._keep(ds)
-        sent = self._send(path)
-        LOG.info("reference sheet %s of study %s: %d cases, sent to %s with status %s", ds.SOPInstanceUID,
-                 study.study_uid, len(hits), self.settings.reference_sheet.destination or "nobody",
-                 "none" if sent is None else f"0x{sent:04X}")
+            temporary = self._write(ds)
+            try:
+                sent = self._send(temporary)
+                destination = self.settings.reference_sheet.destination
+                if must_send and destination and sent != Status.SUCCESS:
+                    raise SheetNotSentError(study.study_uid, destination, sent)
+                self._keep(ds, temporary)
+            finally:
+                temporary.unlink(missing_ok=True)  # a kept file was renamed away
+        level = logging.WARNING if destination and sent != Status.SUCCESS else logging.INFO
+        LOG.log(level, "reference sheet %s of study %s: %d cases, sent to %s with status %s", ds.SOPInstanceUID,
+                study.study_uid, len(hits), destination or "nobody", "none" if sent is None else f"0x{sent:04X}")
         return SheetResult(study.study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), len(hits),
-                           self.settings.reference_sheet.destination, sent)
+                           destination, sent)
 
     def request(self, identifier: Dataset) -> None:
         """A similar-case C-FIND asked for a sheet: build it in the background, with the query's own options."""
@@ -299,9 +319,14 @@ class ReferenceSheets:
         built = 0
         for study_uid in self._studies_without_sheet(limit):
             try:
-                self._build(self.default_request(study_uid), sop_uid=automatic_sheet_uid(study_uid))
+                self._build(self.default_request(study_uid), automatic_sheet_uid(study_uid), must_send=True)
                 built += 1
-            except NodeError as error:  # e.g. no similar case yet: this study is retried next time
+            except NoSimilarCaseError as error:  # the first studies of a node: tried again next time, quietly
+                LOG.debug("%s", error)
+            except SheetNotSentError as error:  # the peer is down: the next look tries again
+                LOG.warning("%s", error)
+                break
+            except NodeError as error:
                 LOG.warning("reference sheet not built: %s", error)
         return built
 
@@ -353,30 +378,24 @@ class ReferenceSheets:
     def _caption(hit: Hit) -> str:
         return describe(hit.rank, hit.score, predicted_findings(hit.finding_scores), limit=1024)
 
-    def _keep(self, ds: Dataset) -> Path:
-        """Store and catalog the sheet through the receive path; its path in the store."""
+    def _write(self, ds: Dataset) -> Path:
+        """The sheet as a file in the store's incoming folder, where received datasets arrive."""
         handle, name = tempfile.mkstemp(dir=self.store.incoming, suffix=".dcm")
         os.close(handle)
-        temporary = Path(name)
-        try:
-            ds.save_as(temporary, enforce_file_format=True)
-            result = self.ingestor.ingest(ds, temporary, sop_class_uid=SecondaryCaptureImageStorage,
-                                          transfer_syntax=ExplicitVRLittleEndian,
-                                          calling_ae=self.settings.node.ae_title)
-        finally:
-            temporary.unlink(missing_ok=True)  # kept files were renamed away
+        ds.save_as(name, enforce_file_format=True)
+        return Path(name)
+
+    def _keep(self, ds: Dataset, written: Path) -> None:
+        """Store and catalog the sheet through the receive path (which renames ``written`` into the store)."""
+        result = self.ingestor.ingest(ds, written, sop_class_uid=SecondaryCaptureImageStorage,
+                                      transfer_syntax=ExplicitVRLittleEndian, calling_ae=self.settings.node.ae_title)
         if result.status is not Status.SUCCESS:
             raise SheetError(str(ds.StudyInstanceUID), f"not kept: {result.comment}")
-        return self.store.absolute(self.store.relative_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                                            str(ds.SOPInstanceUID)))
 
     def _send(self, path: Path) -> int | None:
         destination = self.settings.reference_sheet.destination
         peer = self.settings.peer(destination) if destination else None
         if peer is None:
             return None
-        status = c_store(peer, self.settings.node.ae_title, path, SecondaryCaptureImageStorage,
-                         ExplicitVRLittleEndian, self.settings.node.network_timeout_s)
-        if status != Status.SUCCESS:
-            LOG.warning("reference sheet %s: C-STORE to %s answered %s", path.stem, destination, status)
-        return status
+        return c_store(peer, self.settings.node.ae_title, path, SecondaryCaptureImageStorage,
+                       ExplicitVRLittleEndian, self.settings.node.network_timeout_s)

@@ -30,7 +30,7 @@ from dicom_node.status import Status
 from dicom_node.web.render import Renderer
 from indexer.schema import Instance, Kind, Series, State, Study
 from tests.dicom_node.test_node import find, indexed, storescp, storescu, studies, study_query  # noqa: F401 (fixtures)
-from tests.helpers import dcmtk, wait_until
+from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
 
 def _loaded(start_node: Callable[..., Node], studies: list[dict[str, object]], **sections: object) -> Node:
@@ -161,7 +161,7 @@ def test_cfind_option_builds_and_sends_the_sheet_answers_unchanged(start_node: C
     plain = _answers(node, uid)
     assert _answers(node, uid, sheet="NO") == plain and not _sheet_rows(node)
     assert _answers(node, uid, sheet="YES") == plain
-    wait_until(lambda: any(out.iterdir()), 60, "the sheet to reach the peer")
+    wait_until(lambda: len(list(out.iterdir())) == len(_sheet_rows(node)) == 1, 60, "the sheet sent and kept")
     (received,) = [dcmread(p) for p in out.iterdir()]
     (row,) = _sheet_rows(node)
     assert received.SOPInstanceUID == row.sop_uid and received.StudyInstanceUID == uid
@@ -175,8 +175,7 @@ def test_cfind_option_builds_and_sends_the_sheet_answers_unchanged(start_node: C
     asked = dcmtk("findscu", "-S", "-aet", "VIEWER", "-aec", "MMDL_SIMILAR", "127.0.0.1", node.port,
                   tmp_path / "query.dcm")
     assert asked.returncode == 0, asked.stderr
-    wait_until(lambda: len(list(out.iterdir())) == 2, 60, "a second sheet to reach the peer")
-    assert len(_sheet_rows(node)) == 2
+    wait_until(lambda: len(list(out.iterdir())) == len(_sheet_rows(node)) == 2, 60, "a second sheet sent and kept")
 
     query = study_query(StudyInstanceUID=uid)
     query.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(REFERENCE_SHEET, "CS", "MAYBE")
@@ -216,3 +215,24 @@ def test_sheets_on_request_only_when_enabled(start_node: Callable[..., Node],
     assert _answers(node, uid, sheet="YES") == plain  # answered as usual
     node.sheets.close()  # waits for the background request to end
     assert not _sheet_rows(node)
+
+
+def test_every_new_study_sheet_waits_for_its_peer(start_node: Callable[..., Node], studies: list[dict[str, object]],
+                                                  tmp_path: Path) -> None:
+    port, out = free_port(), tmp_path / "received"
+    node = _loaded(start_node, studies, peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+                   reference_sheet={"for_every_new_study": True, "destination": "PACS", "top_k": 2})
+    runs = node.scheduler.runs.get("reference_sheets", 0)
+    wait_until(lambda: node.scheduler.runs.get("reference_sheets", 0) >= runs + 2, 30, "two looks at new studies")
+    assert not _sheet_rows(node)  # the peer is down: nothing sent, nothing kept
+
+    out.mkdir()
+    peer = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), "+xa", str(port)], env=dcmtk_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(_sheet_rows(node)) == len(studies), 120, "every study's sheet once the peer is up")
+        assert {dcmread(p).SOPInstanceUID for p in out.iterdir()} == {row.sop_uid for row in _sheet_rows(node)}
+    finally:
+        peer.terminate()
+        peer.wait(timeout=10)
