@@ -20,8 +20,8 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import cached_property
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,9 +209,10 @@ def build_dataset(reference: Dataset, pixels: np.ndarray, sop_uid: str, instance
     sc.PatientOrientation = None
     sc.Laterality = None
     sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-    # BurnedInAnnotation means "enough burned-in text to identify the patient and the date" (PS3.3
-    # C.7.6.1.1.2 / C.8.6.2): the sheet's text is the label, ranks, scores and findings, and its pictures
-    # are only taken from images not flagged YES, so nothing on it identifies anyone: NO.
+    # BurnedInAnnotation means "enough burned-in text to identify the patient and the date the image was
+    # acquired" (PS3.3 C.7.6.1, General Image Module): the sheet's text is the label, the model, ranks, scores
+    # and findings, and its pictures are only taken from images not flagged YES: nothing on it identifies
+    # anyone, so NO (YES would also make de-identifying tools drop a sheet that carries no identity).
     sc.BurnedInAnnotation = "NO"
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = LABEL
@@ -225,7 +226,7 @@ def build_dataset(reference: Dataset, pixels: np.ndarray, sop_uid: str, instance
 
 def c_store(peer: Peer, calling_ae: str, path: Path, sop_class: str, transfer_syntax: str,
             timeout_s: float) -> int | None:
-    """Send one stored file to ``peer``; its C-STORE status, or None when no association was made."""
+    """Send one DICOM file to ``peer``; its C-STORE status, or None when no association was made."""
     ae = AE(ae_title=calling_ae)
     ae.requested_contexts = store_contexts([(str(path), sop_class, transfer_syntax)])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
