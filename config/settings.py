@@ -246,6 +246,16 @@ class BackfillSettings(_Section):
         return self
 
 
+class ReferenceSheetSettings(_Section):
+    """The reference sheet: a Secondary Capture of the top-k similar cases stored into the query study."""
+
+    enabled: bool = False  # build sheets on request (the C-FIND option, the HTTP request)
+    for_every_new_study: bool = False  # and once for every new study, when it is first indexed
+    new_study_max_age_h: Annotated[float, Field(gt=0)] = 24.0  # "new": first received at most this long ago
+    destination: str = ""  # a [[peers]] AE title (the PACS) to C-STORE each sheet to; empty: kept in the node only
+    top_k: Annotated[int, Field(ge=1, le=20)] = 8  # cases on a sheet built by the switch (a query sets its own)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_phi: bool = False
@@ -275,7 +285,15 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     web: WebSettings = WebSettings()
     backfill: BackfillSettings = BackfillSettings()
+    reference_sheet: ReferenceSheetSettings = ReferenceSheetSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _sheet_destination_is_a_peer(self) -> Settings:
+        destination = self.reference_sheet.destination
+        if destination and self.peer(destination) is None:
+            raise ValueError(f"reference_sheet.destination: {destination!r} is not among [[peers]]")
+        return self
 
     @property
     def catalog_url(self) -> str:

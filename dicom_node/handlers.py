@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -34,13 +34,16 @@ from dicom_node.retrieve import (
     retrieve_keys,
     send,
 )
-from dicom_node.similar import NotIndexedError, UnknownStudyError, similar_responses
+from dicom_node.similar import NotIndexedError, UnknownStudyError, sheet_requested, similar_responses
 from dicom_node.sop_classes import VERIFICATION
 from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
 from indexer.catalog import AddOutcome, Catalog
 from indexer.vector_index import VectorIndex
 from models.calibration import Calibration
+
+if TYPE_CHECKING:
+    from dicom_node.reference_sheet import ReferenceSheets
 
 LOG = logging.getLogger(__name__)
 Answer = tuple[Any, Dataset | None]
@@ -58,6 +61,7 @@ class Services:
     metrics: Metrics
     held: HeldSyntaxes
     calibration: Calibration | None = None  # of the node's model: calibrated findings and match probability
+    sheets: ReferenceSheets | None = None  # the reference-sheet option of similar-case queries
 
 
 def status(code: Status, comment: str = "") -> Dataset:
@@ -217,6 +221,7 @@ def handle_find(event: Event, services: Services) -> Iterator[Answer]:
 def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     retrieve_ae = services.settings.node.similar_ae_title
     try:
+        wants_sheet = sheet_requested(event.identifier)
         answers = similar_responses(services.catalog, services.index, event.identifier,
                                     services.settings.query, retrieve_ae, services.calibration)
     except NodeError as error:
@@ -230,6 +235,8 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
         yield status(code, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
+    if wants_sheet and answers and services.sheets is not None:
+        services.sheets.request(event.identifier)
     for answer in answers:
         if event.is_cancelled:
             yield Status.CANCEL, None

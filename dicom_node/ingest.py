@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 
 from dicom_node.errors import NodeError
+from dicom_node.sheet_marker import is_reference_sheet
 from dicom_node.sop_classes import STORAGE_KIND
 from dicom_node.sr import report_text, report_time
 from dicom_node.status import Status
@@ -126,6 +127,8 @@ class Ingestor:
         kind = STORAGE_KIND.get(sop_class_uid)
         if kind is None:
             return IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class {sop_class_uid} is not stored here")
+        if kind is Kind.IMAGE and is_reference_sheet(ds):
+            kind = Kind.SHEET  # the node's own sheet: kept and retrievable, never embedded
         try:
             study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")

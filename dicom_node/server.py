@@ -29,6 +29,7 @@ from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import CatalogCollector, Metrics, MetricsServer, health
 from dicom_node.retrieve import HeldSyntaxes
+from dicom_node.reference_sheet import ReferenceSheets
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
 from dicom_node.watchdog import AssociationWatchdog
@@ -117,8 +118,10 @@ class Node:
         if calibration is None:
             LOG.warning("model in %s has no calibration (mmdl-node calibrate): answers show no findings",
                         model_directory(settings))
-        self.services = Services(settings, self.catalog, self.store, Ingestor(self.store, self.catalog), self.index,
-                                 self.metrics, HeldSyntaxes(self.catalog.held_syntaxes()), calibration)
+        ingestor = Ingestor(self.store, self.catalog)
+        self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor)
+        self.services = Services(settings, self.catalog, self.store, ingestor, self.index, self.metrics,
+                                 HeldSyntaxes(self.catalog.held_syntaxes()), calibration, self.sheets)
         self.job = EmbeddingJob(
             self.catalog,
             self.index,
@@ -187,6 +190,8 @@ class Node:
         self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)
         self.scheduler.add("housekeeping", self.housekeeping, min(5.0, node.message_timeout_s / 4))
+        if self.settings.reference_sheet.for_every_new_study:
+            self.scheduler.add("reference_sheets", self.sheets.create_for_new_studies, 5.0)
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
                  node.host, self.port, len(self.index))
@@ -229,6 +234,7 @@ class Node:
                     listener.stop()
             self.hl7 = self.http = self.web = None
             self.scheduler.shutdown()
+            self.sheets.close()
             self.job.close()
             self.snapshot()
             self.catalog.close()

@@ -31,6 +31,7 @@ PRIVATE_GROUP = 0x0099
 PRIVATE_CREATOR = "MMDL SIMILARITY 1.0"
 # Element offsets inside the private block: request keys ...
 TOP_K, MIN_SCORE, EXCLUDE_SAME_PATIENT, FINDINGS_FILTER = 0x01, 0x02, 0x03, 0x04
+REFERENCE_SHEET = 0x05  # CS YES: also build the reference sheet of these answers (dicom_node.reference_sheet)
 # ... and answer keys.
 SCORE, RANK, MODEL_VERSION, PREDICTED_FINDINGS, FINDING_SCORES, ORIGINAL_DESCRIPTION = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
 MATCH_PROBABILITY, FINDING_PROBABILITIES = 0x16, 0x17
@@ -261,3 +262,11 @@ def similar_responses(
     with catalog.session() as session:
         summaries = study_summary(session, [hit.study.id for hit in hits])
     return [hit_identifier(request, hit, summaries.get(hit.study.id), retrieve_ae, calibration) for hit in hits]
+
+
+def sheet_requested(identifier: Dataset) -> bool:
+    """Whether the query asks for a reference sheet too (private key REFERENCE_SHEET: YES / NO)."""
+    value = _private_text(identifier, REFERENCE_SHEET).upper()
+    if value not in ("", "YES", "NO"):
+        raise NodeError(f"reference-sheet option must be YES or NO, got {value!r}")
+    return value == "YES"

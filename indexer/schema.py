@@ -24,6 +24,7 @@ class State(str, enum.Enum):
 class Kind(str, enum.Enum):
     IMAGE = "image"
     REPORT = "report"
+    SHEET = "sheet"  # the node's own reference sheet (a Secondary Capture it made): kept, never embedded
 
 
 class Base(DeclarativeBase):
