@@ -260,7 +260,7 @@ class ReferenceSheets:
         query = self.settings.query
         return SimilarRequest(study_uid=study_uid, accession_number="",
                               top_k=top_k or self.settings.reference_sheet.top_k,
-                              min_score=query.min_score, exclude_same_patient=query.exclude_same_patient)
+                              min_score=query.min_score, exclude_same_patient=True)
 
     def create(self, study_uid: str, request: SimilarRequest | None = None) -> SheetResult:
         """On request (the HTTP POST, the C-FIND option): build the sheet of a study's similar cases, keep it,
@@ -275,8 +275,8 @@ class ReferenceSheets:
     def _build(self, request: SimilarRequest, sop_uid: str = "", must_send: bool = False) -> SheetResult:
         """Search, render, build; send, then keep. With ``must_send``, a sheet the peer did not take is not
         kept either (SheetNotSentError), so that the every-new-study job builds and sends it again later."""
-        if request.top_k > MAX_CASES:
-            request = replace(request, top_k=MAX_CASES)
+        # "not this patient": the sheet never shows the patient's own studies, whatever the query asked
+        request = replace(request, top_k=min(request.top_k, MAX_CASES), exclude_same_patient=True)
         with self._lock:
             hits = find_similar(self.catalog, self.index, request)
             study = self.catalog.find_study(request.study_uid, request.accession_number)

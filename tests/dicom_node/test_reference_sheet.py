@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,12 +113,15 @@ def test_sheet_is_a_valid_sc_of_the_query_study_with_only_its_patient(start_node
 def test_sheet_pixels_show_the_k_cases_pictures(start_node: Callable[..., Node],
                                                studies: list[dict[str, object]]) -> None:
     node = _loaded(start_node, studies, reference_sheet={"enabled": True})
-    request = node.sheets.default_request(str(studies[0]["uid"]), top_k=4)
-    hits = find_similar(node.catalog, node.index, request)
+    # studies 0 and 4 are one patient's: "not this patient" leaves study 4 out even when the query lets it in
+    request = replace(node.sheets.default_request(str(studies[0]["uid"]), top_k=4), exclude_same_patient=False)
+    assert str(studies[4]["uid"]) in {h.study.study_uid for h in find_similar(node.catalog, node.index, request)}
+    hits = find_similar(node.catalog, node.index, replace(request, exclude_same_patient=True))
     result = node.sheets.create(request.study_uid, request)
     pixels = dcmread(node.store.absolute(_sheet_rows(node)[0].path)).pixel_array
     layout = Layout(result.cases)
-    assert result.cases == len(hits) == 4 and pixels.shape == (layout.size[1], layout.size[0])
+    assert result.cases == len(hits) == 3 and pixels.shape == (layout.size[1], layout.size[0])
+    assert str(studies[4]["uid"]) not in {hit.study.study_uid for hit in hits}
 
     renderer = Renderer(node.store, node.settings.node.data_dir / "thumbnails")
     with node.catalog.session() as session:
