@@ -21,7 +21,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,17 +34,28 @@ from sqlalchemy import select
 
 from config.settings import Peer, Settings
 from dicom_node.errors import NodeError
-from dicom_node.handlers import NO_DELAY, store_contexts
+from dicom_node.handlers import NO_DELAY
 from dicom_node.ingest import Ingestor
+from dicom_node.retrieve import Stored, offered_contexts
 from dicom_node.sheet_marker import SHEET_CASES, SHEET_CREATOR, SHEET_GROUP, SHEET_MODEL_VERSION, SHEET_TYPE, SHEET_TYPE_VALUE
-from dicom_node.similar import Hit, SimilarRequest, describe, find_similar, parse_request, predicted_findings
+from dicom_node.similar import (
+    Hit,
+    SimilarRequest,
+    describe,
+    find_similar,
+    match_probability,
+    parse_request,
+    shown_findings,
+)
 from dicom_node.status import Status
 from dicom_node.storage import FileStore
 from indexer.catalog import Catalog
 from indexer.schema import Instance, Kind, Series, State, Study
 from indexer.vector_index import VectorIndex
+from models.calibration import Calibration
 
-if TYPE_CHECKING:
+
+if TYPE_CHECKING:  # imported by the node only: it imports the image decoder (torch)
     from dicom_node.web.render import Renderer
 
 LOG = logging.getLogger(__name__)
@@ -228,7 +238,7 @@ def c_store(peer: Peer, calling_ae: str, path: Path, sop_class: str, transfer_sy
             timeout_s: float) -> int | None:
     """Send one DICOM file to ``peer``; its C-STORE status, or None when no association was made."""
     ae = AE(ae_title=calling_ae)
-    ae.requested_contexts = store_contexts([(str(path), sop_class, transfer_syntax)])
+    ae.requested_contexts = offered_contexts([Stored(str(path), sop_class, transfer_syntax)])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NO_DELAY)
     if not assoc.is_established:
@@ -244,12 +254,14 @@ class ReferenceSheets:
     """Builds, keeps and sends reference sheets; one at a time, on a worker thread for C-FIND requests."""
 
     def __init__(self, settings: Settings, catalog: Catalog, index: VectorIndex, store: FileStore,
-                 ingestor: Ingestor) -> None:
+                 ingestor: Ingestor, renderer: Renderer, calibration: Calibration | None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.index = index
         self.store = store
         self.ingestor = ingestor
+        self.renderer = renderer
+        self.calibration = calibration
         self._lock = threading.Lock()  # one sheet at a time: instance numbers, and the CPU of a small node
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sheet")
 
@@ -278,7 +290,7 @@ class ReferenceSheets:
         # "not this patient": the sheet never shows the patient's own studies, whatever the query asked
         request = replace(request, top_k=min(request.top_k, MAX_CASES), exclude_same_patient=True)
         with self._lock:
-            hits = find_similar(self.catalog, self.index, request)
+            hits = find_similar(self.catalog, self.index, request, self.calibration)
             study = self.catalog.find_study(request.study_uid, request.accession_number)
             assert study is not None  # find_similar found it
             if not hits:
@@ -359,12 +371,6 @@ class ReferenceSheets:
             raise SheetError(study.study_uid, "the study holds no instance to take its attributes from")
         return dcmread(self.store.absolute(paths[0]), stop_before_pixels=True)
 
-    @cached_property
-    def _renderer(self) -> Renderer:
-        from dicom_node.web.render import Renderer  # imported here: it imports the image decoder (torch)
-
-        return Renderer(self.store, self.settings.node.data_dir / "thumbnails")
-
     def _picture(self, hit: Hit) -> Image.Image | None:
         """The first embedded image of the hit's study not flagged as carrying burned-in text, fitted to a tile."""
         for relative in self._paths(hit.study.id, (Kind.IMAGE,), indexed_only=True):
@@ -372,12 +378,13 @@ class ReferenceSheets:
                              specific_tags=["BurnedInAnnotation"])
             if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":
                 continue
-            return self._renderer.picture(relative, TILE)
+            return self.renderer.picture(relative, TILE)
         return None
 
-    @staticmethod
-    def _caption(hit: Hit) -> str:
-        return describe(hit.rank, hit.score, predicted_findings(hit.finding_scores), limit=1024)
+    def _caption(self, hit: Hit) -> str:
+        """The text of the hit's C-FIND answer: rank, match probability (or cosine), calibrated findings."""
+        findings = [name for name, _ in shown_findings(self.calibration, hit.study, hit.finding_scores)]
+        return describe(hit.rank, hit.score, match_probability(self.calibration, hit.score), findings, limit=1024)
 
     def _write(self, ds: Dataset) -> Path:
         """The sheet as a file in the store's incoming folder, where received datasets arrive."""

@@ -33,7 +33,7 @@ from dicom_node.reference_sheet import ReferenceSheets
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
 from dicom_node.watchdog import AssociationWatchdog
-from dicom_node.web.app import WebContext, create_app
+from dicom_node.web.app import create_app
 from dicom_node.web.render import Renderer
 from dicom_node.web.serving import WebServer
 from indexer.catalog import Catalog
@@ -119,7 +119,8 @@ class Node:
             LOG.warning("model in %s has no calibration (mmdl-node calibrate): answers show no findings",
                         model_directory(settings))
         ingestor = Ingestor(self.store, self.catalog)
-        self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor)
+        self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor, self.renderer,
+                                      calibration)
         self.services = Services(settings, self.catalog, self.store, ingestor, self.index, self.metrics,
                                  HeldSyntaxes(self.catalog.held_syntaxes()), calibration, self.sheets)
         self.job = EmbeddingJob(
@@ -185,7 +186,7 @@ class Node:
             self.http.start()
         if self.settings.web.enabled:
             self.web = WebServer(self.settings.web,
-                                 create_app(WebContext(self.settings, self.catalog, self.index, self.renderer)))
+                                 create_app(self.services, self.renderer))
             self.web.start()
         self.scheduler.add("embed", self.embed, self.settings.scheduler.interval_s)
         self.scheduler.add("snapshot", self.snapshot, self.settings.index.snapshot_interval_s)

@@ -1,7 +1,7 @@
 """The node's web application (ASGI, Starlette): every HTTP route the node serves, in one list.
 
-``create_app`` builds it from a ``WebContext``; ``routes`` below is the one place where pages, APIs and
-mounted applications are added. Everything sits behind the configured authentication.
+``create_app`` builds it from the node's ``Services`` and its thumbnail renderer; ``routes`` below is the one
+place where pages, APIs and mounted applications (DICOMweb) are added. Everything sits behind the configured authentication.
 Logs carry UIDs and status codes only, never patient names, IDs, accession numbers or report text.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import base64
 import binascii
 import logging
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from jinja2 import Environment, PackageLoader
 from starlette.applications import Starlette
@@ -20,14 +20,15 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from config.settings import Settings, WebSettings
+from config.settings import WebSettings
 from dicom_node.errors import NodeError
+from dicom_node.handlers import Services
+from dicom_node.reference_sheet import SheetError, SheetsDisabledError
 from dicom_node.similar import NotIndexedError, UnknownStudyError
 from dicom_node.storage import check_uid
+from dicom_node.web import dicomweb
 from dicom_node.web.render import Renderer
 from dicom_node.web.similar_page import find_answer, similar_request
-from indexer.catalog import Catalog
-from indexer.vector_index import VectorIndex
 from models.errors import ModelError
 
 LOG = logging.getLogger(__name__)
@@ -40,16 +41,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
-
-
-@dataclass(frozen=True)
-class WebContext:
-    """What the web routes read: the settings, the catalog, the index and the thumbnail renderer."""
-
-    settings: Settings
-    catalog: Catalog
-    index: VectorIndex
-    renderer: Renderer
 
 
 _TEMPLATES = Environment(loader=PackageLoader("dicom_node.web", "templates"), autoescape=True)
@@ -73,14 +64,19 @@ def _status_of(error: NodeError) -> tuple[int, str]:
         return 404, "Unknown study"
     if isinstance(error, NotIndexedError):
         return 409, "Study not indexed yet"
+    if isinstance(error, SheetsDisabledError):
+        return 403, "Reference sheets disabled"
+    if isinstance(error, SheetError):
+        return 422, "No reference sheet"
     return 400, "Bad request"
 
 
 class Pages:
     """The route handlers; plain functions, so Starlette runs them in its thread pool (catalog, files)."""
 
-    def __init__(self, context: WebContext) -> None:
-        self.context = context
+    def __init__(self, services: Services, renderer: Renderer) -> None:
+        self.services = services
+        self.renderer = renderer
 
     def similar(self, request: Request) -> Response:
         """GET /studies/{uid}/similar, /similar?accession=..., and their /api/ twins."""
@@ -92,7 +88,7 @@ class Pages:
                                                        "/similar?accession=...")
         try:
             identifier = similar_request(study_uid, accession, options)
-            answer = find_answer(self.context.settings, self.context.catalog, self.context.index, identifier,
+            answer = find_answer(self.services, identifier,
                                  lambda sop_uid: str(request.url_for("thumbnail", sop_uid=sop_uid).path))
         except NodeError as error:
             status, title = _status_of(error)
@@ -102,20 +98,20 @@ class Pages:
         if _wants_json(request):
             return JSONResponse(asdict(answer), headers={"Cache-Control": "no-store"})
         page = _TEMPLATES.get_template("similar.html").render(
-            answer=answer, viewer_names=VIEWER_NAMES, size=self.context.settings.web.thumbnail_size)
+            answer=answer, viewer_names=VIEWER_NAMES, size=self.services.settings.web.thumbnail_size)
         return HTMLResponse(page, headers=PAGE_HEADERS)
 
     def thumbnail(self, request: Request) -> Response:
         """GET /thumbnails/{SOPInstanceUID}.jpg: the cached windowed JPEG of a stored image."""
         sop_uid = request.path_params["sop_uid"]
         try:
-            relative = self.context.catalog.image_path(check_uid(sop_uid, "SOPInstanceUID"))
+            relative = self.services.catalog.image_path(check_uid(sop_uid, "SOPInstanceUID"))
         except NodeError as error:
             return _error(request, 404, "Unknown image", str(error))
         if relative is None:
             return _error(request, 404, "Unknown image", f"no stored image {sop_uid}")
         try:
-            path = self.context.renderer.thumbnail(relative, sop_uid, self.context.settings.web.thumbnail_size)
+            path = self.renderer.thumbnail(relative, sop_uid, self.services.settings.web.thumbnail_size)
         except ModelError as error:
             LOG.warning("thumbnail of %s not rendered: %s", sop_uid, type(error).__name__)
             return _error(request, 422, "Image not renderable", f"the stored image {sop_uid} cannot be rendered")
@@ -123,15 +119,33 @@ class Pages:
                             headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"})
 
 
-def routes(context: WebContext) -> list[BaseRoute]:
+    def reference_sheet(self, request: Request) -> Response:
+        """POST /api/studies/{uid}/reference-sheet: build the study's reference sheet, keep it and send it to
+        the configured peer (``[reference_sheet]``); answers the sheet's UIDs and the peer's C-STORE status."""
+        study_uid = request.path_params["study_uid"]
+        sheets = self.services.sheets
+        try:
+            if sheets is None:
+                raise SheetsDisabledError()
+            result = sheets.create(check_uid(study_uid, "StudyInstanceUID"))
+        except NodeError as error:
+            status, title = _status_of(error)
+            LOG.info("reference sheet request: %d %s", status, title)
+            return JSONResponse({"error": title, "detail": str(error)}, status)
+        return JSONResponse(asdict(result), 201)
+
+
+def routes(services: Services, renderer: Renderer) -> list[BaseRoute]:
     """Every route and mount of the node's web server."""
-    pages = Pages(context)
+    pages = Pages(services, renderer)
     return [
         Route("/studies/{study_uid}/similar", pages.similar, methods=["GET"]),
         Route("/similar", pages.similar, methods=["GET"]),
         Route("/api/studies/{study_uid}/similar", pages.similar, methods=["GET"]),
         Route("/api/similar", pages.similar, methods=["GET"]),
         Route("/thumbnails/{sop_uid}.jpg", pages.thumbnail, methods=["GET"], name="thumbnail"),
+        Route("/api/studies/{study_uid}/reference-sheet", pages.reference_sheet, methods=["POST"]),
+        *dicomweb.routes(services, renderer),
     ]
 
 
@@ -167,9 +181,9 @@ class Authentication:
         await response(scope, receive, send)
 
 
-def create_app(context: WebContext) -> ASGIApp:
+def create_app(services: Services, renderer: Renderer) -> ASGIApp:
     """The node's ASGI application, behind the configured authentication."""
-    app: ASGIApp = Starlette(routes=routes(context))
-    if context.settings.web.auth != "none":
-        app = Authentication(app, context.settings.web)
+    app: ASGIApp = Starlette(routes=routes(services, renderer))
+    if services.settings.web.auth != "none":
+        app = Authentication(app, services.settings.web)
     return app

@@ -14,8 +14,9 @@ from urllib.parse import quote, urlencode
 import numpy as np
 from pydicom.dataset import Dataset
 
-from config.settings import Settings, WebSettings
+from config.settings import WebSettings
 from dicom_node.errors import NodeError
+from dicom_node.handlers import Services
 from dicom_node.matching import study_summary
 from dicom_node.similar import (
     EXCLUDE_SAME_PATIENT,
@@ -25,13 +26,13 @@ from dicom_node.similar import (
     PRIVATE_GROUP,
     TOP_K,
     find_similar,
+    match_probability,
     parse_request,
-    predicted_findings,
+    shown_findings,
 )
 from dicom_node.storage import check_uid
-from indexer.catalog import Catalog, from_blob
+from indexer.catalog import from_blob
 from indexer.schema import Study
-from indexer.vector_index import VectorIndex
 from models.observations import OBSERVATIONS
 
 # HTTP query parameters and the private keys of the similar-case C-FIND that they set. Their text goes in
@@ -47,12 +48,13 @@ class Case:
     study_uid: str
     study_date: str
     modalities: list[str]
-    findings: list[str]
-    finding_scores: dict[str, float]
+    findings: list[dict[str, Any]]  # the calibrated findings shown: {name, probability}, most probable first
+    finding_scores: dict[str, float]  # the 14 raw model scores
     report: str | None
     thumbnail: str | None
     rank: int | None = None
-    score: float | None = None
+    score: float | None = None  # cosine similarity
+    match_probability: float | None = None  # comparable across queries; None without a calibration
     same_patient: bool = True
     reference_case: str | None = None  # set for other patients' studies instead of their identifiers
     viewers: dict[str, str] = field(default_factory=dict)
@@ -74,6 +76,7 @@ class SimilarAnswer:
     query: QueryStudy
     similar: list[Case]
     model_version: str
+    calibrated: bool  # whether findings and match probabilities come from a calibration of the model
 
 
 def similar_request(study_uid: str, accession: str, options: dict[str, str]) -> Dataset:
@@ -111,11 +114,11 @@ def iso_date(value: str) -> str:
     return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and value.isdigit() else value
 
 
-def find_answer(settings: Settings, catalog: Catalog, index: VectorIndex, identifier: Dataset,
-                thumbnail_url: Callable[[str], str]) -> SimilarAnswer:
+def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable[[str], str]) -> SimilarAnswer:
     """Run the similar-case search and gather what the page shows (raises NodeError subclasses)."""
+    settings, catalog, calibration = services.settings, services.catalog, services.calibration
     request = parse_request(identifier, settings.query)
-    hits = find_similar(catalog, index, request)
+    hits = find_similar(catalog, services.index, request, calibration)
     query = catalog.find_study(request.study_uid, request.accession_number)
     assert query is not None  # find_similar raised UnknownStudyError otherwise
     pks = [query.id, *(hit.study.id for hit in hits)]
@@ -130,7 +133,8 @@ def find_answer(settings: Settings, catalog: Catalog, index: VectorIndex, identi
             study_uid=study.study_uid,
             study_date=iso_date(study.study_date),
             modalities=[m for m in summaries.get(study.id, ("", 0, 0))[0].split("\\") if m],
-            findings=[] if scores is None else predicted_findings(scores),
+            findings=[] if scores is None else [{"name": n, "probability": round(p, 4)}
+                                                 for n, p in shown_findings(calibration, study, scores)],
             finding_scores={} if scores is None else {n: round(float(p), 4) for n, p in zip(OBSERVATIONS, scores)},
             report=reports.get(study.id),
             thumbnail=thumbnail_url(image[0]) if image else None,
@@ -140,9 +144,12 @@ def find_answer(settings: Settings, catalog: Catalog, index: VectorIndex, identi
     similar = []
     for hit in hits:
         same = bool(query.patient_id) and hit.study.patient_id == query.patient_id
+        match = match_probability(calibration, hit.score)
         similar.append(case(hit.study, hit.finding_scores, rank=hit.rank, score=round(hit.score, 4), same_patient=same,
+                            match_probability=None if match is None else round(match, 4),
                             reference_case=None if same else f"R{hit.study.id}",
                             viewers=viewer_links(settings.web, query.study_uid, hit.study.study_uid)))
     own = case(query, from_blob(query.label_scores) if query.label_scores else None)
     return SimilarAnswer(QueryStudy(query.patient_name, query.patient_id, query.accession_number,
-                                    query.study_description, own), similar, query.model_version)
+                                    query.study_description, own), similar, query.model_version,
+                         calibration is not None)
