@@ -156,8 +156,9 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
     for keyword, given in values.items():
         joined = "\\".join(v.replace(",", "\\") if dictionary_VR(tag_for_keyword(keyword)) == "UI" else v
                            for v in given)
-        if joined and keyword not in KEYS and keyword != "ModalitiesInStudy":
-            query.warnings.append(f"{keyword} is not supported for matching and was ignored")
+        matchable = keyword == "ModalitiesInStudy" or (keyword in KEYS and LEVELS.index(KEYS[keyword].level) <= depth)
+        if joined and not matchable:
+            query.warnings.append(f"{keyword} is not supported for matching at this level and was ignored")
         elif joined:
             query.matching[keyword] = joined
     query.matching.update(fixed)

@@ -67,6 +67,8 @@ def test_study_search_pages_and_includes_fields(server: Server) -> None:
     assert urls <= {f"{server.url}{ARCHIVE_ROOT}/studies/{s.study}" for s in server.studies.values()}
     ignored = requests.get(f"{server.url}{ARCHIVE_ROOT}/studies", params={"SeriesDate": "20240101"})
     assert len(ignored.json()) == len(server.studies) and "SeriesDate is not supported" in ignored.headers["warning"]
+    below = requests.get(f"{server.url}{ARCHIVE_ROOT}/studies", params={"Modality": "MR"})  # a series key
+    assert len(below.json()) == len(server.studies) and "Modality is not supported" in below.headers["warning"]
     narrow = client.search_for_studies(fields=["00180015", "PatientSex"], search_filters={"PatientID": "DW-0"})
     assert "00080060" not in narrow[0]  # Modality is a series attribute: not returned at study level
     assert {"00100040", "00180015"} <= set(narrow[0])
