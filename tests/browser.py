@@ -45,7 +45,8 @@ class Browser:
         os.close(from_browser)
         self._buffer = b""
         self._next_id = 0
-        self.console: list[str] = []  # the page's console errors, uncaught exceptions and failed requests, for failure messages
+        # the page's console errors, uncaught exceptions and failed requests, for failure messages
+        self.console: list[str] = []
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self.call("Page.enable", session=True)

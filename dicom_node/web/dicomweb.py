@@ -156,8 +156,9 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
     for keyword, given in values.items():
         joined = "\\".join(v.replace(",", "\\") if dictionary_VR(tag_for_keyword(keyword)) == "UI" else v
                            for v in given)
-        if joined and keyword not in KEYS and keyword != "ModalitiesInStudy":
-            query.warnings.append(f"{keyword} is not supported for matching and was ignored")
+        matchable = keyword == "ModalitiesInStudy" or (keyword in KEYS and LEVELS.index(KEYS[keyword].level) <= depth)
+        if joined and not matchable:
+            query.warnings.append(f"{keyword} is not supported for matching at this level and was ignored")
         elif joined:
             query.matching[keyword] = joined
     query.matching.update(fixed)
@@ -256,7 +257,7 @@ class DicomWeb:
             block.add_new(TOP_K, "IS", str(max(1, min(wanted, defaults.max_top_k))))
         try:
             answers = similar_responses(self.services.catalog, self.services.index, query.identifier, defaults,
-                                        self.services.settings.node.similar_ae_title)
+                                        self.services.settings.node.similar_ae_title, self.services.calibration)
         except UnknownStudyError as error:
             raise DicomWebError(404, str(error)) from None
         except NotIndexedError as error:
@@ -328,22 +329,26 @@ class DicomWeb:
         parts = [Part(f"{frame_media_type(syntax)}; transfer-syntax={syntax}", body) for body in data]
         return Response(b"".join(multipart_body(parts, boundary)), media_type=content_type)
 
-    def rendered(self, request: Request) -> Response:
-        """The first frame as a windowed JPEG or PNG (the Renderer's picture); ``viewport`` bounds its size."""
-        _, found = self._resource(request)
-        if request.path_params.get("frames", "1") != "1":
-            raise DicomWebError(404, "only frame 1 is rendered")
-        media_type = _picture_type(request)
-        size = _viewport(request.query_params.get("viewport", ""))
-        picture = self.renderer.picture(found[0][0], size)
-        return Response(_encode(picture, media_type), media_type=media_type)
-
-    def thumbnail(self, request: Request) -> Response:
-        """A small picture of the resource's first image (cached on disk as JPEG by the Renderer)."""
+    def _first_image(self, request: Request) -> str:
+        """The stored path of the resource's first image (404 when it holds only reports)."""
         _, found = self._resource(request)
         image = next((path for path, sop_class, _ in found if sop_class in IMAGE_STORAGE), None)
         if image is None:
             raise _not_found("image")
+        return image
+
+    def rendered(self, request: Request) -> Response:
+        """The first frame as a windowed JPEG or PNG (the Renderer's picture); ``viewport`` bounds its size."""
+        image = self._first_image(request)
+        if request.path_params.get("frames", "1") != "1":
+            raise DicomWebError(404, "only frame 1 is rendered")
+        media_type = _picture_type(request)
+        picture = self.renderer.picture(image, _viewport(request.query_params.get("viewport", "")))
+        return Response(_encode(picture, media_type), media_type=media_type)
+
+    def thumbnail(self, request: Request) -> Response:
+        """A small picture of the resource's first image (cached on disk as JPEG by the Renderer)."""
+        image = self._first_image(request)
         media_type = _picture_type(request)
         size = _viewport(request.query_params.get("viewport", "")) or THUMBNAIL_SIZE
         if media_type == "image/png":

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import uvicorn
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from starlette.applications import Starlette
 
@@ -122,6 +122,7 @@ class Server:
     node: Node
     url: str
     studies: dict[str, Stored]
+    report: Stored  # a Basic Text SR in the "jpeg" study: an instance without pixels
 
     def client(self, root: str = ARCHIVE_ROOT) -> DICOMwebClient:
         return DICOMwebClient(url=self.url + root)
@@ -151,24 +152,30 @@ def server(shared_data: Path, random_model_dir: Path, tmp_path_factory: pytest.T
     folder = tmp_path_factory.mktemp("dicomweb")
     studies = {name: relabelled(shared_data / "dicom" / source, folder / "in", i)
                for i, (name, source) in enumerate(SOURCES.items())}
+    jpeg = studies["jpeg"]
+    sr = basic_text_sr(jpeg.study, jpeg.patient, jpeg.accession, "Heart size normal.", "No acute disease.")
+    sr_file = save(sr, folder / "in")
+    report = Stored(jpeg.study, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_file, ExplicitVRLittleEndian,
+                    jpeg.patient, jpeg.accession)
     node = Node(node_settings(folder / "node", random_model_dir))
     node.start()
-    web: uvicorn.Server | None = None
     try:
-        store(node, [s.file for s in studies.values()])
+        store(node, [s.file for s in studies.values()] + [sr_file])
         wait_until(lambda: len(node.index) == len(studies) and not node.catalog.dirty_studies(1)
-                   and not node.catalog.pending_images(1), 180, "the five studies to be indexed")
+                   and not node.catalog.pending_images(1) and not node.catalog.pending_reports(1), 180,
+                   "the five studies to be indexed")
         app = Starlette(routes=routes(node.services, Renderer(node.store, folder / "thumbnails")))
         port = free_port()
         web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=web.run, daemon=True)
         thread.start()
         wait_until(lambda: web.started, 30, "uvicorn to start")
-        yield Server(node, f"http://127.0.0.1:{port}", studies)
+        yield Server(node, f"http://127.0.0.1:{port}", studies, report)
         web.should_exit = True
         thread.join(30)
     finally:
         node.stop()
+
 
 def store(node: Node, files: list[Path]) -> None:
     """C-STORE each file in its own transfer syntax (so the compressed ones are kept compressed)."""

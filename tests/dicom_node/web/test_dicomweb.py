@@ -67,6 +67,8 @@ def test_study_search_pages_and_includes_fields(server: Server) -> None:
     assert urls <= {f"{server.url}{ARCHIVE_ROOT}/studies/{s.study}" for s in server.studies.values()}
     ignored = requests.get(f"{server.url}{ARCHIVE_ROOT}/studies", params={"SeriesDate": "20240101"})
     assert len(ignored.json()) == len(server.studies) and "SeriesDate is not supported" in ignored.headers["warning"]
+    below = requests.get(f"{server.url}{ARCHIVE_ROOT}/studies", params={"Modality": "MR"})  # a series key
+    assert len(below.json()) == len(server.studies) and "Modality is not supported" in below.headers["warning"]
     narrow = client.search_for_studies(fields=["00180015", "PatientSex"], search_filters={"PatientID": "DW-0"})
     assert "00080060" not in narrow[0]  # Modality is a series attribute: not returned at study level
     assert {"00100040", "00180015"} <= set(narrow[0])
@@ -74,15 +76,15 @@ def test_study_search_pages_and_includes_fields(server: Server) -> None:
 
 def test_series_and_instance_search(server: Server) -> None:
     client = server.client()
-    jpeg = server.studies["jpeg"]
+    jpeg = server.studies["jpeg_mono1"]
     series = client.search_for_series(jpeg.study)
     assert [values(s, "SeriesInstanceUID") for s in series] == [jpeg.series]
     assert values(series[0], "Modality") == "CR"
     found = client.search_for_instances(jpeg.study, jpeg.series)
     assert [values(i, "SOPInstanceUID") for i in found] == [jpeg.sop]
     assert values(found[0], "RetrieveURL").endswith(f"/instances/{jpeg.sop}")
-    assert [values(i, "SOPInstanceUID") for i in client.search_for_instances(search_filters={"PatientID": "DW-3"})] \
-        == [server.studies["jpeg_mono1"].sop]
+    assert [values(i, "SOPInstanceUID") for i in client.search_for_instances(search_filters={"PatientID": "DW-2"})] \
+        == [server.studies["jpeg"].sop, server.report.sop]
 
 
 def test_similar_root_answers_the_dimse_ranking(server: Server) -> None:
@@ -188,6 +190,18 @@ def test_rendered_and_thumbnail_show_the_radiograph(server: Server) -> None:
     assert png_thumbnail.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png_thumbnail.content)).format == "PNG"
     assert requests.get(f"{server.url}{ARCHIVE_ROOT}/studies", params={"accept": "application/dicom+json"}).ok
+
+
+def test_a_report_has_metadata_but_no_pixels(server: Server) -> None:
+    report = server.report
+    [meta] = server.client().retrieve_series_metadata(report.study, report.series)
+    assert meta["00080018"]["Value"] == [report.sop] and "7FE00010" not in meta
+    instance = f"{server.url}{ARCHIVE_ROOT}/studies/{report.study}/series/{report.series}/instances/{report.sop}"
+    for resource in ("/rendered", "/thumbnail", "/frames/1"):
+        answer = requests.get(instance + resource)
+        assert answer.status_code == 404, (resource, answer.text)
+    study = server.client().search_for_studies(search_filters={"StudyInstanceUID": report.study})
+    assert values(study[0], "ModalitiesInStudy") == ["CR", "SR"]
 
 
 @pytest.mark.parametrize(("path", "headers", "status"), [

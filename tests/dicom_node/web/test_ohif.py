@@ -116,3 +116,13 @@ def test_ohif_opens_a_study_beside_its_most_similar(server: Server, ohif: str, b
     boxes = rendered_viewports(browser, 2, artefacts / "ohif-similar.png")
     assert boxes[0][0] != boxes[1][0], "the two studies side by side"
 
+
+
+def test_ohif_study_list_lists_the_node(server: Server, ohif: str, browser: Browser, artefacts: Path) -> None:
+    """OHIF's study list searches /dicomweb/studies (limit, offset, includefield) and shows every study."""
+    browser.goto(f"{ohif}/")
+    total = f"of {len(server.studies)}"
+    browser.wait_for(f"!!document.body && document.body.innerText.includes({total!r})", 60,
+                     f"the study list to say {total!r}")
+    browser.screenshot().save(artefacts / "ohif-study-list.png")
+    assert not [line for line in browser.console if line.startswith("HTTP ")], browser.console
