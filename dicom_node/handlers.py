@@ -301,7 +301,7 @@ def handle_move(event: Event, services: Services) -> Iterator[Any]:
         return
     LOG.info("C-MOVE from %s to %s: %d instances", calling_ae(event), peer.ae_title, len(instances))
     receiver = Receiver(peer.ae_title)
-    yield peer.host, peer.port, {"contexts": offered_contexts(instances),
+    yield peer.host, peer.port, {"contexts": offered_contexts((i.sop_class, i.transfer_syntax) for i in instances),
                                  "evt_handlers": [*NO_DELAY, *receiver.handlers()]}
     yield len(instances)
     yield from send(event, receiver, services.store.absolute, instances)

@@ -36,7 +36,7 @@ from config.settings import Peer, Settings
 from dicom_node.errors import NodeError
 from dicom_node.handlers import NO_DELAY
 from dicom_node.ingest import Ingestor
-from dicom_node.retrieve import Stored, offered_contexts
+from dicom_node.retrieve import offered_contexts
 from dicom_node.sheet_marker import SHEET_CASES, SHEET_CREATOR, SHEET_GROUP, SHEET_MODEL_VERSION, SHEET_TYPE, SHEET_TYPE_VALUE
 from dicom_node.similar import (
     Hit,
@@ -238,7 +238,7 @@ def c_store(peer: Peer, calling_ae: str, path: Path, sop_class: str, transfer_sy
             timeout_s: float) -> int | None:
     """Send one DICOM file to ``peer``; its C-STORE status, or None when no association was made."""
     ae = AE(ae_title=calling_ae)
-    ae.requested_contexts = offered_contexts([Stored(str(path), sop_class, transfer_syntax)])
+    ae.requested_contexts = offered_contexts([(sop_class, transfer_syntax)])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NO_DELAY)
     if not assoc.is_established:

@@ -96,10 +96,10 @@ def retrieve_keys(identifier: Dataset) -> Dataset:
     return keys
 
 
-def offered_contexts(instances: Iterable[Stored]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax): each stored syntax, and both uncompressed syntaxes,
-    so that a receiver can accept each that it can decode."""
-    pairs = {(i.sop_class, ts) for i in instances for ts in (i.transfer_syntax, *UNCOMPRESSED)}
+def offered_contexts(encodings: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    """For C-STOREs of instances encoded as these (SOP class, transfer syntax) pairs: one context per SOP class
+    and syntax, each stored syntax and both uncompressed ones, so a receiver can accept each it can decode."""
+    pairs = {(sop_class, ts) for sop_class, stored in encodings for ts in (stored, *UNCOMPRESSED)}
     contexts = [build_context(sop_class, ts) for sop_class, ts in sorted(pairs)]
     if len(contexts) > MAX_CONTEXTS:
         LOG.warning("retrieve needs %d presentation contexts; only %d can be proposed", len(contexts), MAX_CONTEXTS)

@@ -143,7 +143,7 @@ def test_by_accession_number_and_options(web_node: WebNode) -> None:
 
 @pytest.mark.parametrize(("path", "params", "status", "says"), [
     ("/studies/1.2.3.4.5.6/similar", {}, 404, "unknown study"),
-    ("/similar", {"accession": "NOSUCH"}, 404, "unknown study"),
+    ("/similar", {"accession": "NOSUCH"}, 404, "no study held with this AccessionNumber"),
     ("/studies/abc/similar", {}, 400, "not a valid UID"),
     ("/similar", {}, 400, "name a study"),
     ("/studies/{uid}/similar", {"top_k": "0"}, 400, "top-k must be 1-100"),
@@ -151,7 +151,7 @@ def test_by_accession_number_and_options(web_node: WebNode) -> None:
     ("/studies/{uid}/similar", {"findings": "Cardiomegaly,Dragons"}, 400, "Dragons"),
     ("/studies/{uid}/similar", {"colour": "red"}, 400, "unknown query parameters: colour"),
     ("/similar", {"accession": "ACC*"}, 400, "no lists or wildcards"),
-    ("/similar", {"accession": "ACC0\\ACC1"}, 404, "unknown study"),
+    ("/similar", {"accession": "ACC0\\ACC1"}, 400, "no lists or wildcards"),
     ("/studies/1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17.18.19.20.21.22.23.24.25.26.27.28.29/similar", {}, 400,
      "not a valid UID"),
 ])
