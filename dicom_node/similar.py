@@ -193,7 +193,7 @@ def find_similar(
 def shown_findings(calibration: Calibration | None, study: Study, finding_scores: np.ndarray) -> list[tuple[str, float]]:
     """The calibrated findings a reader sees for a study, most probable first, with their probabilities.
 
-    None without a calibration or when the study was embedded by another model than the one calibrated.
+    Empty without a calibration or when the study was embedded by another model than the one calibrated.
     """
     if calibration is None or study.model_version != calibration.model_version:
         return []
