@@ -27,7 +27,7 @@ import numpy as np
 from bench.query import load, machine
 from config import settings_from_mapping
 from dicom_node.server import Node
-from tests.chromium import Chromium
+from tests.browser import Browser
 from tests.conftest import SHARED_DATA
 from tests.dicom_node.builders import ROOT, basic_text_sr, dx_from_png, save
 from tests.dicom_node.test_node import indexed
@@ -83,9 +83,8 @@ def main() -> None:
             queries = random.Random(0).sample(uids, args.queries)
             times: dict[str, dict[str, list[float]]] = {kind: {"wall_ms": [], "browser_ms": []}
                                                        for kind in ("cold", "warm")}
-            with Chromium(folder / "profile", width=1280, height=1000) as browser:
-                browser.send("Network.enable")
-                browser.send("Network.setCacheDisabled", cacheDisabled=True)
+            with Browser(folder / "profile", width=1280, height=1000) as browser:
+                browser.call("Network.setCacheDisabled", {"cacheDisabled": True}, session=True)
                 for uid in queries:
                     url = f"{node.web.url}/studies/{uid}/similar?top_k={args.top_k}"
                     for kind in ("cold", "warm"):
@@ -93,14 +92,14 @@ def main() -> None:
                             shutil.rmtree(cache)
                             cache.mkdir()
                         started = time.perf_counter()
-                        browser.open(url)
+                        browser.goto(url)
                         times[kind]["wall_ms"].append((time.perf_counter() - started) * 1000)
                         times[kind]["browser_ms"].append(float(browser.evaluate(NAVIGATION_MS)))
                         widths = browser.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
                         if len(widths) != args.top_k + 1 or min(widths) == 0:
                             raise SystemExit(f"page of {uid} did not render {args.top_k + 1} thumbnails: {widths}")
                 if args.screenshot:
-                    browser.screenshot(args.screenshot)
+                    browser.screenshot(args.screenshot, full_page=True)
         finally:
             node.stop()
     print(f"machine: {machine()}, load {load()}; {args.studies} studies, top-{args.top_k}, {args.queries} pages each")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from dicom_node.server import Node
-from tests.chromium import Chromium
+from tests.browser import Browser
 from tests.helpers import dcmtk, free_port, wait_until
 from tests.pacs.orthanc import OrthancProcess
 from tests.pacs.test_orthanc import make_studies, settled
@@ -47,13 +47,13 @@ def test_similar_cases_button_opens_the_nodes_page(start_node: Callable[..., Nod
 
         uid = studies[0][0]
         orthanc_id = client.post_tools_find(json={"Level": "Study", "Query": {"StudyInstanceUID": uid}})[0]
-        with Chromium(tmp_path / "profile") as browser:
-            browser.open(f"{orthanc.url}/app/explorer.html#study?uuid={orthanc_id}")
+        with Browser(tmp_path / "profile", height=900) as browser:
+            browser.goto(f"{orthanc.url}/app/explorer.html#study?uuid={orthanc_id}")
             href = browser.evaluate(BUTTON_HREF)
             assert href == f"{node.web.url}/studies/{uid}/similar"
-            browser.open(href)
+            browser.goto(href)
             rows = browser.evaluate("Array.from(document.querySelectorAll('tr[data-study]')).map(r => r.dataset.study)")
-            browser.screenshot(tmp_path / "opened-from-orthanc.png")
+            browser.screenshot(tmp_path / "opened-from-orthanc.png", full_page=True)
         assert rows == [uid, studies[1][0]]
     finally:
         orthanc.stop()
