@@ -1,7 +1,8 @@
 """A real study in several encodings, how to put it into a node, and checks on what a retrieve delivered.
 
 Images (../shared/data/dicom): the NEMA WG04 chest radiograph RG1 as stored uncompressed, JPEG 2000
-lossless and JPEG 2000 lossy, an RLE copy of it made here, and a JPEG baseline chest radiograph.
+lossless and JPEG 2000 lossy, an RLE copy of it made here, a JPEG baseline chest radiograph and a copy of it
+relabelled MONOCHROME1, and fo-dicom's 10-bit MONOCHROME1 chest radiograph without a Part 10 header.
 """
 from __future__ import annotations
 
@@ -27,10 +28,27 @@ SOURCES = {  # kind -> file under ../shared/data
     "rle": f"{RG1}/RG1_UNCR.dcm",
     # a JPEG baseline Secondary Capture chest radiograph (lossy, marked so in the file)
     "jpeg": "dicom/torchxrayvision_tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    # the same JPEG bytes relabelled MONOCHROME1 (a test artefact: shown inverted)
+    "jpeg_mono1": "dicom/torchxrayvision_tests/derived_not_real/Fake_MONOHR1.dcm",
+    # no Part 10 header: Implicit VR Little Endian, 10-bit MONOCHROME1
+    "implicit": "dicom/fo-dicom/CR-MONO1-10-chest",
 }
 
 
 LOSSY = {"j2k_lossy": "ISO_15444_1", "jpeg": "ISO_10918_1"}  # kind -> LossyImageCompressionMethod
+
+
+@dataclass(frozen=True)
+class SampleInstance:
+    """One file of a sample study, with the identifiers a query or retrieve of it names."""
+
+    study: str
+    series: str
+    sop: str
+    file: Path
+    syntax: str  # its transfer syntax UID, as stored
+    patient: str
+    accession: str
 
 
 @dataclass
@@ -38,28 +56,48 @@ class Study:
     """A study as files, by kind (a key of SOURCES, or "sr")."""
 
     uid: str
+    patient: str = "9RG1"  # the report's; the images keep the source's own unless sample_study was given one
+    accession: str = ""
     files: dict[str, Path] = field(default_factory=dict)  # kind -> file as stored in the node
 
     def sop(self, kind: str) -> str:
         return str(dcmread(self.files[kind], stop_before_pixels=True).SOPInstanceUID)
 
+    def instance(self, kind: str) -> SampleInstance:
+        ds = dcmread(self.files[kind], stop_before_pixels=True)
+        return SampleInstance(self.uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), self.files[kind],
+                              str(ds.file_meta.TransferSyntaxUID), self.patient, self.accession)
 
-def sample_study(shared_data: Path, folder: Path, *kinds: str) -> Study:
-    """A study of the given kinds of image (new UIDs, one series) and a Basic Text SR report; "rle" is RG1
-    encoded here with pydicom's RLE encoder."""
-    study = Study(generate_uid(prefix=ROOT))
+
+def sample_study(shared_data: Path, folder: Path, *kinds: str, patient: str | None = None, accession: str = "",
+                 date: str | None = None, report: bool = True) -> Study:
+    """A study of the given kinds of image (new UIDs, one series) and, with ``report``, a Basic Text SR report;
+    "rle" is RG1 encoded here with pydicom's RLE encoder. ``patient``, ``accession``, ``date``: written into
+    the images too (else they keep the source's patient and accession)."""
+    study = Study(generate_uid(prefix=ROOT), patient or "9RG1", accession)
     series = generate_uid(prefix=ROOT)
+    folder.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
-        ds = dcmread(shared_data / SOURCES[kind])
+        ds = dcmread(shared_data / SOURCES[kind], force=True)
+        if "TransferSyntaxUID" not in ds.file_meta:  # a bare dataset ("implicit"): give it its Part 10 header
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         if kind == "rle":
             ds.compress(RLELossless)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study.uid, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=ROOT)
+        if patient is not None:
+            ds.PatientID, ds.AccessionNumber = patient, accession
+        if date is not None:
+            ds.StudyDate = date
+        if [float(v) for v in ds.get("PixelSpacing", [1])] == [0.0, 0.0]:
+            del ds.PixelSpacing  # WG04 RG1 says 0\0: a zero-sized pixel, which OHIF's renderer draws as nothing
         study.files[kind] = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(study.files[kind], enforce_file_format=True)
-    report = basic_text_sr(study.uid, "9RG1", "", "Lungs are clear.", "No acute disease.")
-    study.files["sr"] = folder / f"{report.SOPInstanceUID}.dcm"
-    report.save_as(study.files["sr"], enforce_file_format=True)
+    if report:
+        sr = basic_text_sr(study.uid, study.patient, accession, "Lungs are clear.", "No acute disease.")
+        study.files["sr"] = folder / f"{sr.SOPInstanceUID}.dcm"
+        sr.save_as(study.files["sr"], enforce_file_format=True)
     return study
 
 

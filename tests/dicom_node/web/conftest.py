@@ -3,26 +3,20 @@ page), one holding radiographs in every encoding (uncompressed, JPEG 2000, JPEG 
 for the DICOMweb and OHIF tests."""
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from starlette.applications import Starlette
+from pydicom.uid import generate_uid
 
 from dicom_node.server import Node
-from dicom_node.status import Status
-from dicom_node.web.dicomweb import ARCHIVE_ROOT, routes
-from dicom_node.web.render import Renderer
+from dicom_node.web.dicomweb import ARCHIVE_ROOT
 from tests.dicom_node.builders import ROOT, basic_text_sr, dx_from_png, save
 from tests.dicom_node.conftest import node_settings
+from tests.dicom_node.studies import SampleInstance, sample_study, upload
 from tests.dicom_node.test_node import indexed
 from tests.helpers import dcmtk, free_port, wait_until
 
@@ -97,96 +91,34 @@ def web_node(tmp_path_factory: pytest.TempPathFactory, random_model_dir: Path, s
     finally:
         node.stop()
 
-SOURCES = {  # name: (file under ../shared/data/dicom, what it exercises)
-    "uncompressed": "pydicom-data_WG04_RG1/RG1_UNCR.dcm",  # 15-bit MONOCHROME1, Explicit VR LE
-    "j2k": "pydicom-data_WG04_RG1/RG1_J2KR.dcm",  # JPEG 2000 lossless
-    "jpeg": "torchxrayvision_tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",  # JPEG baseline
-    "jpeg_mono1": "torchxrayvision_tests/derived_not_real/Fake_MONOHR1.dcm",  # MONOCHROME1 relabelled
-    "implicit": "fo-dicom/CR-MONO1-10-chest",  # no Part 10 header: Implicit VR LE, 10-bit MONOCHROME1
-}
-
-
-@dataclass(frozen=True)
-class Stored:
-    study: str
-    series: str
-    sop: str
-    file: Path
-    syntax: str
-    patient: str
-    accession: str
+KINDS = ("explicit", "j2k", "jpeg", "jpeg_mono1", "implicit")  # one study each (tests.dicom_node.studies.SOURCES)
 
 
 @dataclass(frozen=True)
 class Server:
     node: Node
     url: str
-    studies: dict[str, Stored]
-    report: Stored  # a Basic Text SR in the "jpeg" study: an instance without pixels
+    studies: dict[str, SampleInstance]  # kind -> the one image of that kind's study
+    report: SampleInstance  # a Basic Text SR in the "jpeg" study: an instance without pixels
 
     def client(self, root: str = ARCHIVE_ROOT) -> DICOMwebClient:
         return DICOMwebClient(url=self.url + root)
 
 
-def relabelled(source: Path, folder: Path, index: int) -> Stored:
-    """The real file under new UIDs and a test patient (the five sources share two studies)."""
-    ds = pydicom.dcmread(source, force=True)
-    if "TransferSyntaxUID" not in ds.file_meta:
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid(prefix=ROOT) for _ in range(3))
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientID, ds.AccessionNumber, ds.StudyDate = f"DW-{index}", f"DWACC{index}", f"2024020{index + 1}"
-    if [float(v) for v in ds.get("PixelSpacing", [1])] == [0.0, 0.0]:
-        del ds.PixelSpacing  # WG04 RG1 says 0\0: a zero-sized pixel, which OHIF's renderer draws as nothing
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{index}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return Stored(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path,
-                  str(ds.file_meta.TransferSyntaxUID), ds.PatientID, ds.AccessionNumber)
-
-
 @pytest.fixture(scope="module")
 def server(shared_data: Path, random_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A node holding the five radiographs, indexed, its DICOMweb routes served by uvicorn on a free port."""
+    """A node with its web server (DICOMweb mounted by the node's own app) holding the five radiographs, each
+    its own study of a test patient (DW-0 ... DW-4), indexed."""
     folder = tmp_path_factory.mktemp("dicomweb")
-    studies = {name: relabelled(shared_data / "dicom" / source, folder / "in", i)
-               for i, (name, source) in enumerate(SOURCES.items())}
-    jpeg = studies["jpeg"]
-    sr = basic_text_sr(jpeg.study, jpeg.patient, jpeg.accession, "Heart size normal.", "No acute disease.")
-    sr_file = save(sr, folder / "in")
-    report = Stored(jpeg.study, sr.SeriesInstanceUID, sr.SOPInstanceUID, sr_file, ExplicitVRLittleEndian,
-                    jpeg.patient, jpeg.accession)
-    node = Node(node_settings(folder / "node", random_model_dir))
-    node.start()
+    studies = [sample_study(shared_data, folder / "in" / kind, kind, patient=f"DW-{i}", accession=f"DWACC{i}",
+                            date=f"2024020{i + 1}", report=kind == "jpeg") for i, kind in enumerate(KINDS)]
+    node = start_web_node(folder / "node", random_model_dir)
     try:
-        store(node, [s.file for s in studies.values()] + [sr_file])
-        wait_until(lambda: len(node.index) == len(studies) and not node.catalog.dirty_studies(1)
-                   and not node.catalog.pending_images(1) and not node.catalog.pending_reports(1), 180,
-                   "the five studies to be indexed")
-        app = Starlette(routes=routes(node.services, Renderer(node.store, folder / "thumbnails")))
-        port = free_port()
-        web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=web.run, daemon=True)
-        thread.start()
-        wait_until(lambda: web.started, 30, "uvicorn to start")
-        yield Server(node, f"http://127.0.0.1:{port}", studies, report)
-        web.should_exit = True
-        thread.join(30)
+        assert node.web is not None
+        for study in studies:
+            upload(node, study)  # each file in its own transfer syntax, so the compressed ones stay compressed
+        wait_until(indexed(node, len(studies)), 180, "the five studies to be indexed")
+        yield Server(node, node.web.url, {kind: study.instance(kind) for kind, study in zip(KINDS, studies)},
+                     studies[KINDS.index("jpeg")].instance("sr"))
     finally:
         node.stop()
-
-
-def store(node: Node, files: list[Path]) -> None:
-    """C-STORE each file in its own transfer syntax (so the compressed ones are kept compressed)."""
-    datasets = [pydicom.dcmread(f) for f in files]
-    ae = AE("PACS")
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
-    assert assoc.is_established
-    try:
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == Status.SUCCESS
-    finally:
-        assoc.release()

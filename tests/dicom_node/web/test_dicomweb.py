@@ -17,14 +17,15 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from dicom_node.status import Status
 from dicom_node.web.dicomweb import ARCHIVE_ROOT, SIMILAR_ROOT
-from tests.dicom_node.web.conftest import Server, Stored
+from tests.dicom_node.studies import SampleInstance
+from tests.dicom_node.web.conftest import Server
 
 
-def stored_pixels(stored: Stored) -> np.ndarray:
+def stored_pixels(stored: SampleInstance) -> np.ndarray:
     return pydicom.dcmread(stored.file).pixel_array
 
 
-def stored_frame(stored: Stored) -> bytes:
+def stored_frame(stored: SampleInstance) -> bytes:
     """Frame 1 as uncompressed little-endian pixels."""
     pixels = stored_pixels(stored)
     return pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
@@ -88,7 +89,7 @@ def test_series_and_instance_search(server: Server) -> None:
 
 
 def test_similar_root_answers_the_dimse_ranking(server: Server) -> None:
-    query = server.studies["uncompressed"]
+    query = server.studies["explicit"]
     web = server.client(SIMILAR_ROOT).search_for_studies(search_filters={"StudyInstanceUID": query.study}, limit=3)
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"

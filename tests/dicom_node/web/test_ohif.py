@@ -107,7 +107,7 @@ def test_ohif_renders_a_stored_study(server: Server, ohif: str, browser: Browser
 
 def test_ohif_opens_a_study_beside_its_most_similar(server: Server, ohif: str, browser: Browser,
                                                     artefacts: Path) -> None:
-    query = server.studies["uncompressed"]
+    query = server.studies["explicit"]
     similar = requests.get(f"{server.url}{SIMILAR_ROOT}/studies",
                            params={"StudyInstanceUID": query.study, "limit": 1}).json()
     top = similar[0]["0020000D"]["Value"][0]
