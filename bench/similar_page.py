@@ -30,7 +30,7 @@ from dicom_node.server import Node
 from tests.browser import Browser
 from tests.conftest import SHARED_DATA
 from tests.dicom_node.builders import ROOT, basic_text_sr, dx_from_png, save
-from tests.dicom_node.test_node import indexed
+from tests.dicom_node.peers import indexed
 from tests.helpers import dcmtk, free_port, wait_until
 
 NAVIGATION_MS = "performance.getEntriesByType('navigation')[0].loadEventEnd"

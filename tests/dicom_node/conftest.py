@@ -1,4 +1,5 @@
-"""Fixtures for node tests: a small random MMDL model and a running node on a free loopback port."""
+"""Fixtures for node tests: a running node on a free loopback port, five sample studies as files, a storescp
+peer and a PKI."""
 from __future__ import annotations
 
 import subprocess
@@ -7,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
 
 from config import Settings, settings_from_mapping
 from dicom_node.server import Node
-from tests.helpers import free_port
+from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
+from tests.helpers import dcmtk_env, free_port, wait_for_port
 
 
 def node_settings(data_dir: Path, model_dir: Path, **sections: dict[str, Any]) -> Settings:
@@ -39,6 +42,43 @@ def start_node(tmp_path: Path, random_model_dir: Path) -> Iterator[Callable[...,
     yield start
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def studies(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
+    """Five studies from NIH images (two share a patient), each a DX image and a Basic Text SR report; files
+    only, built once for every test module that stores them."""
+    folder = tmp_path_factory.mktemp("studies")
+    pngs = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[:5]
+    reports = [("Heart size is normal. Lungs are clear.", "No acute disease."),
+               ("Enlarged cardiac silhouette.", "Cardiomegaly."),
+               ("Right lower lobe airspace opacity.", "Pneumonia."),
+               ("Small left pleural effusion.", "Effusion."),
+               ("Heart size normal. No effusion.", "Normal chest.")]
+    result = []
+    for i, (png, (findings, impression)) in enumerate(zip(pngs, reports)):
+        study_uid = generate_uid(prefix="1.2.826.0.1.3680043.8.498.")
+        patient = "PAT-A" if i in (0, 4) else f"PAT-{i}"
+        image = dx_from_png(png, study_uid, patient, f"ACC{i}")
+        image.StudyDate = f"2024010{i + 1}"
+        report = basic_text_sr(study_uid, patient, f"ACC{i}", findings, impression)
+        report.StudyDate = image.StudyDate
+        result.append({"uid": study_uid, "image": save(image, folder / str(i)), "report": save(report, folder / str(i)),
+                       "patient": patient, "accession": f"ACC{i}", "sop": str(image.SOPInstanceUID)})
+    return result
+
+
+@pytest.fixture()
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A dcmtk storescp (AE WORKSTATION) on a free port: (its port, the folder it writes what it receives to)."""
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    process = subprocess.Popen(["storescp", "-aet", "WORKSTATION", "-od", str(out), "+xa", str(port)],
+                               env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port, out
+    process.terminate()
+    process.wait(timeout=10)
 
 
 def openssl(*args: str | Path, cwd: Path) -> None:

@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import (
-    BasicTextSRStorage,
-    DigitalXRayImageStorageForPresentation,
-    StudyRootQueryRetrieveInformationModelFind,
-)
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.server import Node
 from dicom_node.similar import (
@@ -40,68 +35,9 @@ from indexer.catalog import to_blob
 from indexer.schema import Instance, Study
 from models.observations import OBSERVATIONS
 from tests.conftest import REPO_ROOT
-from tests.dicom_node.builders import basic_text_sr, dx_from_png, save, undecodable
-from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
-
-FIND = StudyRootQueryRetrieveInformationModelFind
-
-
-@pytest.fixture(scope="module")
-def studies(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
-    """Five studies from NIH images (two share a patient), each a DX image and a Basic Text SR report."""
-    folder = tmp_path_factory.mktemp("studies")
-    pngs = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[:5]
-    reports = [("Heart size is normal. Lungs are clear.", "No acute disease."),
-               ("Enlarged cardiac silhouette.", "Cardiomegaly."),
-               ("Right lower lobe airspace opacity.", "Pneumonia."),
-               ("Small left pleural effusion.", "Effusion."),
-               ("Heart size normal. No effusion.", "Normal chest.")]
-    result = []
-    for i, (png, (findings, impression)) in enumerate(zip(pngs, reports)):
-        study_uid = generate_uid(prefix="1.2.826.0.1.3680043.8.498.")
-        patient = "PAT-A" if i in (0, 4) else f"PAT-{i}"
-        image = dx_from_png(png, study_uid, patient, f"ACC{i}")
-        image.StudyDate = f"2024010{i + 1}"
-        report = basic_text_sr(study_uid, patient, f"ACC{i}", findings, impression)
-        report.StudyDate = image.StudyDate
-        result.append({"uid": study_uid, "image": save(image, folder / str(i)), "report": save(report, folder / str(i)),
-                       "patient": patient, "accession": f"ACC{i}", "sop": str(image.SOPInstanceUID)})
-    return result
-
-
-def storescu(node: Node, *files: Path, called: str = "MMDL_NODE") -> subprocess.CompletedProcess[str]:
-    return dcmtk("storescu", "-aet", "PACS", "-aec", called, "127.0.0.1", node.port, *files)
-
-
-def find(node: Node, query: Dataset, called: str = "MMDL_NODE",
-         transfer_syntax: str | None = None) -> tuple[list[Dataset], Dataset]:
-    """(pending identifiers, final status) of one C-FIND over pynetdicom (in ``transfer_syntax`` when given)."""
-    ae = AE("VIEWER")
-    ae.add_requested_context(FIND, [transfer_syntax] if transfer_syntax else None)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
-    assert assoc.is_established
-    answers, final = [], Dataset()
-    for status, identifier in assoc.send_c_find(query, FIND):
-        if status.Status == Status.PENDING:
-            answers.append(identifier)
-        else:
-            final = status
-    assoc.release()
-    return answers, final
-
-
-def study_query(**keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    for keyword in ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "ModalitiesInStudy",
-                    "StudyDescription", "NumberOfStudyRelatedInstances"):
-        setattr(ds, keyword, keys.get(keyword, ""))
-    return ds
-
-
-def indexed(node: Node, n_studies: int) -> Callable[[], bool]:
-    return lambda: len(node.index) >= n_studies and not node.catalog.dirty_studies(1) \
-        and not node.catalog.pending_images(1) and not node.catalog.pending_reports(1)
+from tests.dicom_node.builders import undecodable
+from tests.dicom_node.peers import FIND, find, indexed, storescu, study_query
+from tests.helpers import dcmtk, dcmtk_env, wait_until
 
 
 @pytest.fixture()
@@ -401,18 +337,6 @@ def test_similar_failures_are_clear(loaded: Node, studies: list[dict[str, object
     assert all("from VIEWER to MMDL_SIMILAR refused with 0x" in line for line in refusals)
     assert "0xC101: unknown study: 1.2.3.999" in refusals[0]
     assert "ACC-NOT-HELD" not in caplog.text and "PAT-" not in caplog.text and "TEST^" not in caplog.text
-
-
-@pytest.fixture()
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port, out = free_port(), tmp_path / "received"
-    out.mkdir()
-    process = subprocess.Popen(["storescp", "-aet", "WORKSTATION", "-od", str(out), "+xa", str(port)],
-                               env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    yield port, out
-    process.terminate()
-    process.wait(timeout=10)
 
 
 def test_move_to_a_configured_peer_and_refuse_unknown(start_node: Callable[..., Node], studies: list[dict[str, object]],

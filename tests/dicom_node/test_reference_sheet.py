@@ -30,7 +30,7 @@ from dicom_node.similar import PRIVATE_CREATOR, PRIVATE_GROUP, REFERENCE_SHEET, 
 from dicom_node.status import Status
 from dicom_node.web.render import Renderer
 from indexer.schema import Instance, Kind, Series, State, Study
-from tests.dicom_node.test_node import find, indexed, storescp, storescu, studies, study_query  # noqa: F401 (fixtures)
+from tests.dicom_node.peers import find, indexed, storescu, study_query
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until
 
 

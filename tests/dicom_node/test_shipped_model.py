@@ -27,7 +27,7 @@ from models.bundle import DEFAULT_MODEL_DIR
 from models.calibration import MAX_SHOWN, load_calibration
 from models.observations import OBSERVATIONS
 from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
-from tests.dicom_node.test_node import find, indexed, storescu, study_query
+from tests.dicom_node.peers import find, indexed, storescu, study_query
 from tests.helpers import free_port, wait_until
 
 REPORTS = (("Right lower lobe airspace opacity.", "Pneumonia."),

@@ -16,8 +16,8 @@ from dicom_node.server import Node
 from dicom_node.web.dicomweb import ARCHIVE_ROOT
 from tests.dicom_node.builders import ROOT, basic_text_sr, dx_from_png, save
 from tests.dicom_node.conftest import node_settings
+from tests.dicom_node.peers import indexed
 from tests.dicom_node.studies import SampleInstance, sample_study, upload
-from tests.dicom_node.test_node import indexed
 from tests.helpers import dcmtk, free_port, wait_until
 
 OHIF, STONE = "http://ohif.test:3000", "http://pacs.test:8042/stone-webviewer"
