@@ -91,6 +91,7 @@ def web_node(tmp_path_factory: pytest.TempPathFactory, random_model_dir: Path, s
     finally:
         node.stop()
 
+
 KINDS = ("explicit", "j2k", "jpeg", "jpeg_mono1", "implicit")  # one study each (tests.dicom_node.studies.SOURCES)
 
 
