@@ -16,8 +16,8 @@ NAME, PATIENT_ID, REPORT = "Phimarker^Zelda", "PHI-ID-7781", "Phimarkertext nodu
 
 
 def exercise(node: NodeProcess, shared_data: Path, folder: Path, web_port: int) -> str:
-    """Store, index and query (DICOM and the web page) a study that carries marker PHI; return everything the
-    node logged."""
+    """Store, index and query (DICOM, the web page and DICOMweb) a study that carries marker PHI; return
+    everything the node logged."""
     png = sorted((shared_data / "nih-cxr14-1000" / "images").glob("*.png"))[0]
     uid = generate_uid()
     image = dx_from_png(png, uid, PATIENT_ID, "PHIACC1")
@@ -46,6 +46,14 @@ def exercise(node: NodeProcess, shared_data: Path, folder: Path, web_port: int) 
     assert page.status_code == 200 and NAME in page.text  # the page shows the query's own patient
     assert httpx.get(f"{web}/api/studies/{uid}/similar").status_code == 200
     assert httpx.get(f"{web}/similar", params={"accession": "PHIACC-UNKNOWN"}).status_code == 404
+    # DICOMweb: QIDO-RS by the patient's ID and name (both in the request URL), WADO-RS metadata (PHI in the answer)
+    for keys in ({"PatientID": PATIENT_ID}, {"PatientName": NAME}):
+        found = httpx.get(f"{web}/dicomweb/studies", params=keys, headers={"Accept": "application/dicom+json"})
+        assert found.status_code == 200, (keys, found.text)
+        assert [study["0020000D"]["Value"] for study in found.json()] == [[uid]], keys
+    metadata = httpx.get(f"{web}/dicomweb/studies/{uid}/metadata", headers={"Accept": "application/dicom+json"})
+    assert metadata.status_code == 200, metadata.text
+    assert PATIENT_ID in metadata.text and "Phimarker" in metadata.text  # the answer does carry the markers
     node.stop()
     return node.log.read_text(errors="replace")
 
