@@ -193,13 +193,16 @@ class MetricsSettings(_Section):
 
 
 class WebSettings(_Section):
-    """The HTTP server of people-facing pages: the similar-cases page, its JSON, thumbnails."""
+    """The HTTP server: the similar-cases page, its JSON, thumbnails, the reference-sheet request, DICOMweb.
+
+    It serves every stored study, so beyond loopback it needs authentication unless the admin says otherwise."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Port = 8080
     tls: TlsSettings = TlsSettings()  # HTTPS with these files, same keys as [tls]
     auth: Literal["none", "basic", "token"] = "none"
+    allow_unauthenticated: bool = False  # true: auth = "none" on a host beyond loopback (a trusted network only)
     username: str = ""  # auth = "basic"
     password: str = ""  # auth = "basic"
     token: str = ""  # auth = "token": clients send "Authorization: Bearer <token>"
@@ -217,6 +220,9 @@ class WebSettings(_Section):
             problems.append("username must not contain ':'")
         if self.auth == "token" and len(self.token) < 16:
             problems.append("auth 'token' needs a token of at least 16 characters")
+        if self.enabled and self.auth == "none" and not is_loopback(self.host) and not self.allow_unauthenticated:
+            problems.append(f"host {self.host!r} listens beyond loopback without authentication: set auth to "
+                            "'basic' or 'token' (or allow_unauthenticated = true on a trusted network)")
         for key in ("ohif_url", "stone_url", "weasis_dicomweb_url"):
             value = getattr(self, key)
             if value and not re.match(r"^https?://[^\s\"<>]+$", value):

@@ -204,7 +204,6 @@ def handle_store(event: Event, services: Services) -> Dataset:
         services.metrics.failed(f"store_{result.status.name.lower()}")
     elif result.outcome is AddOutcome.STORED:
         services.metrics.stored(calling_ae(event), result.size)
-        services.held.add(event.context.abstract_syntax, event.context.transfer_syntax)
     return status(result.status, result.comment)
 
 

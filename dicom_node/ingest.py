@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 
 from dicom_node.errors import NodeError
+from dicom_node.retrieve import HeldSyntaxes
 from dicom_node.sheet_marker import is_reference_sheet
 from dicom_node.sop_classes import STORAGE_KIND
 from dicom_node.sr import report_text, report_time
@@ -116,9 +117,10 @@ def series_attrs(ds: Dataset) -> SeriesAttrs:
 class Ingestor:
     """Stores datasets; one lock stripe per SOP Instance UID keeps resends of one instance in order."""
 
-    def __init__(self, store: FileStore, catalog: Catalog) -> None:
+    def __init__(self, store: FileStore, catalog: Catalog, held: HeldSyntaxes) -> None:
         self.store = store
         self.catalog = catalog
+        self.held = held  # the (SOP class, syntax) pairs held, which C-GET negotiation prefers
         self._stripes = [threading.Lock() for _ in range(64)]
 
     def ingest(self, ds: Dataset, received: Path, sop_class_uid: str, transfer_syntax: str, calling_ae: str) -> IngestResult:
@@ -178,6 +180,7 @@ class Ingestor:
                 LOG.error("catalog refused instance %s: %s", sop_uid, type(error).__name__)
                 return IngestResult(Status.OUT_OF_RESOURCES, f"catalog error: {type(error).__name__}")
         if outcome is AddOutcome.STORED:
+            self.held.add(sop_class_uid, transfer_syntax)
             LOG.info("stored %s instance %s of study %s from %s (%d bytes)", kind.value, sop_uid, study_uid,
                      calling_ae, size)
             return IngestResult(Status.SUCCESS, outcome=outcome, size=size)

@@ -53,6 +53,7 @@ from indexer.catalog import Catalog
 from indexer.schema import Instance, Kind, Series, State, Study
 from indexer.vector_index import VectorIndex
 from models.calibration import Calibration
+from models.errors import ModelError
 
 
 if TYPE_CHECKING:  # imported by the node only: it imports the image decoder (torch)
@@ -324,6 +325,8 @@ class ReferenceSheets:
             self.create(request.study_uid, request)
         except NodeError as error:
             LOG.warning("reference sheet not built: %s", error)
+        except Exception as error:  # on the worker thread nobody else would see it; the type only (no PHI)
+            LOG.error("reference sheet of study %s failed: %s", request.study_uid, type(error).__name__)
 
     def create_for_new_studies(self, limit: int = 16) -> int:
         """The ``for_every_new_study`` job: one sheet for each indexed study received within
@@ -378,13 +381,17 @@ class ReferenceSheets:
                              specific_tags=["BurnedInAnnotation"])
             if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":
                 continue
-            return self.renderer.picture(relative, TILE)
+            try:
+                return self.renderer.picture(relative, TILE)
+            except ModelError as error:  # an image the decoder cannot read: the next one, else an empty tile
+                LOG.warning("reference sheet tile from %s not rendered: %s", relative, type(error).__name__)
         return None
 
     def _caption(self, hit: Hit) -> str:
         """The text of the hit's C-FIND answer: rank, match probability (or cosine), calibrated findings."""
         findings = [name for name, _ in shown_findings(self.calibration, hit.study, hit.finding_scores)]
-        return describe(hit.rank, hit.score, match_probability(self.calibration, hit.score), findings, limit=1024)
+        match = match_probability(self.calibration, hit.study, hit.score)
+        return describe(hit.rank, hit.score, match, findings, limit=1024)
 
     def _write(self, ds: Dataset) -> Path:
         """The sheet as a file in the store's incoming folder, where received datasets arrive."""

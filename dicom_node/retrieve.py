@@ -115,7 +115,7 @@ def accepted_syntaxes(assoc: Association) -> dict[str, set[str]]:
     return syntaxes
 
 
-def _uncompressed(ds: Dataset) -> Dataset:
+def decoded(ds: Dataset) -> Dataset:
     """``ds`` (read from its file, changed in memory only) with its pixel data decoded; a lossy source
     stays marked lossy (LossyImageCompression 01 with its ratio and method)."""
     source = UID(ds.file_meta.TransferSyntaxUID)
@@ -141,7 +141,7 @@ def for_receiver(ds: Dataset, accepted: set[str]) -> Dataset | None:
     if syntax in accepted or (not syntax.is_compressed and any(not UID(ts).is_compressed for ts in accepted)):
         return ds
     if set(UNCOMPRESSED) & accepted:
-        return _uncompressed(ds)
+        return decoded(ds)
     return None
 
 

@@ -118,11 +118,12 @@ class Node:
         if calibration is None:
             LOG.warning("model in %s has no calibration (mmdl-node calibrate): answers show no findings",
                         model_directory(settings))
-        ingestor = Ingestor(self.store, self.catalog)
+        held = HeldSyntaxes(self.catalog.held_syntaxes())
+        ingestor = Ingestor(self.store, self.catalog, held)
         self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor, self.renderer,
                                       calibration)
         self.services = Services(settings, self.catalog, self.store, ingestor, self.index, self.metrics,
-                                 HeldSyntaxes(self.catalog.held_syntaxes()), calibration, self.sheets)
+                                 held, calibration, self.sheets)
         self.job = EmbeddingJob(
             self.catalog,
             self.index,

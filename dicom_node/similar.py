@@ -159,6 +159,8 @@ def find_similar(
     The findings filter keeps studies with one of the wanted findings among their shown findings
     (``shown_findings``); without a calibration no finding is shown, so a filter keeps nothing.
     """
+    if request.findings and calibration is None:  # it would keep nothing, after searching the whole index
+        raise NodeError("the findings filter needs a calibrated model (mmdl-node calibrate)")
     query = catalog.find_study(request.study_uid, request.accession_number)
     if query is None:
         raise UnknownStudyError(request.study_uid)
@@ -200,9 +202,12 @@ def shown_findings(calibration: Calibration | None, study: Study, finding_scores
     return calibration.shown_findings(finding_scores)
 
 
-def match_probability(calibration: Calibration | None, cosine: float) -> float | None:
-    """Probability that an answer at this cosine shares a finding with the query (None without a calibration)."""
-    return None if calibration is None else float(calibration.match_probability(cosine))
+def match_probability(calibration: Calibration | None, study: Study, cosine: float) -> float | None:
+    """Probability that an answer at this cosine shares a finding with the query; None without a calibration
+    or when the answer was embedded by another model than the one calibrated (its cosine means nothing there)."""
+    if calibration is None or study.model_version != calibration.model_version:
+        return None
+    return float(calibration.match_probability(cosine))
 
 
 def describe(rank: int, score: float, match: float | None, findings: list[str], limit: int = 64) -> str:
@@ -230,7 +235,7 @@ def hit_identifier(
     """The answer for one hit, readable in a plain viewer (StudyDescription) and in the private block."""
     shown = shown_findings(calibration, hit.study, hit.finding_scores)
     findings = [name for name, _ in shown]
-    match = match_probability(calibration, hit.score)
+    match = match_probability(calibration, hit.study, hit.score)
     values = {**study_values(hit.study, summary), "StudyDescription": describe(hit.rank, hit.score, match, findings)}
     if "StudyDescription" not in request:
         request = request.copy()

@@ -6,7 +6,7 @@ import re
 import shutil
 import threading
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from dicom_node.errors import NodeError
 from indexer.durable import fsync_directory
@@ -54,10 +54,6 @@ class FileStore:
         parts = (check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"),
                  check_uid(sop_uid, "SOPInstanceUID"))
         return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
-
-    def sop_uid(self, relative: str) -> str:
-        """The SOP Instance UID a stored path was built from (the inverse of ``relative_path``)."""
-        return check_uid(PurePosixPath(relative).stem, "SOPInstanceUID")
 
     def absolute(self, relative: str) -> Path:
         path = (self.root / relative).resolve()

@@ -6,6 +6,7 @@ row survives a crash (the node answers C-STORE success only after that commit).
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -17,7 +18,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import IndexerError
-from indexer.schema import Base, HeldReport, Instance, Kind, Report, Series, State, Study
+from indexer.schema import Base, CatalogFact, HeldReport, Instance, Kind, Report, Series, State, Study
+from models.study import STUDY_VECTOR_RULE
+
+LOG = logging.getLogger(__name__)
 
 # Statements of the receive path, built once so that a received instance pays only for executing them.
 _STUDY_PK = select(Study.id).where(Study.study_uid == bindparam("uid"))
@@ -134,6 +138,19 @@ class Catalog:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._follow_study_vector_rule()
+
+    def _follow_study_vector_rule(self) -> None:
+        """Study vectors built by another rule than ``models.study.study_vector``'s (a catalog of an older
+        version) are marked for refresh: the embedding job rebuilds them from the stored vectors."""
+        with self._sessions.begin() as session:
+            fact = session.get(CatalogFact, "study_vector_rule")
+            if fact is not None and fact.value == STUDY_VECTOR_RULE:
+                return
+            stale = session.execute(update(Study).where(Study.vector.is_not(None)).values(dirty=True)).rowcount
+            session.merge(CatalogFact(key="study_vector_rule", value=STUDY_VECTOR_RULE))
+        if stale:
+            LOG.warning("%d study vectors were built by an older rule: rebuilt by the embedding job", stale)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -129,3 +129,12 @@ class HeldReport(Base):
     report_time: Mapped[str] = mapped_column(String(32), default="")
     text: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CatalogFact(Base):
+    """Facts about the catalog itself, e.g. the rule its study vectors were built by."""
+
+    __tablename__ = "catalog_facts"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))

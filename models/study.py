@@ -10,6 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Names the rule ``study_vector`` follows; a catalog whose study vectors were built by another rule has them
+# rebuilt (from the stored image and report vectors, without re-embedding) when the node opens it.
+STUDY_VECTOR_RULE = "mean of unit image mean and unit report vector"
+
 
 def _unit(vector: np.ndarray) -> np.ndarray:
     """``vector`` / its L2 norm (unchanged when the norm is 0)."""

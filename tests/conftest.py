@@ -35,6 +35,26 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def calibrated_model_dir(random_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random model with an identity calibration: a finding is shown when its stored score is >= 0.5
+    (calibrated probability = score), and the match probability is (1 + cosine) / 2; for tests of what an
+    answer shows whose expected findings follow from the scores they set."""
+    import json
+    import shutil
+
+    from models.bundle import MANIFEST, update_manifest
+    from models.calibration import Calibration, FindingCalibration
+    from models.observations import OBSERVATIONS
+
+    directory = tmp_path_factory.mktemp("model") / "calibrated-mmdl"
+    shutil.copytree(random_model_dir, directory)
+    version = json.loads((directory / MANIFEST).read_text())["version"]
+    findings = tuple(FindingCalibration(name, 100, 1.0, 0.0, 0.5) for name in OBSERVATIONS)
+    update_manifest(directory, Calibration(version, findings, ((-1.0, 0.0), (1.0, 1.0)), {"test": "identity"}), {})
+    return directory
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_scheduler() -> None:
     """A busy embedding job makes APScheduler note every coalesced run; that is expected, not news."""

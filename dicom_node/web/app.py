@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.settings import WebSettings
 from dicom_node.errors import NodeError
@@ -123,6 +123,10 @@ class Pages:
         """POST /api/studies/{uid}/reference-sheet: build the study's reference sheet, keep it and send it to
         the configured peer (``[reference_sheet]``); answers the sheet's UIDs and the peer's C-STORE status."""
         study_uid = request.path_params["study_uid"]
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            # a cross-site HTML form cannot send this type without a CORS preflight, which the node never grants
+            return JSONResponse({"error": "Unsupported media type", "detail": "send Content-Type: application/json"},
+                                415)
         sheets = self.services.sheets
         try:
             if sheets is None:
@@ -181,9 +185,29 @@ class Authentication:
         await response(scope, receive, send)
 
 
+class SafeHeaders:
+    """ASGI middleware: every answer carries X-Content-Type-Options: nosniff, and is not cached unless its
+    route says otherwise (answers carry patient data)."""
+
+    DEFAULTS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *(pair for pair in self.DEFAULTS if pair[0] not in present)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
 def create_app(services: Services, renderer: Renderer) -> ASGIApp:
     """The node's ASGI application, behind the configured authentication."""
     app: ASGIApp = Starlette(routes=routes(services, renderer))
     if services.settings.web.auth != "none":
         app = Authentication(app, services.settings.web)
-    return app
+    return SafeHeaders(app)

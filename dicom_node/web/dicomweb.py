@@ -36,7 +36,15 @@ from dicom_node.errors import NodeError
 from dicom_node.handlers import Services
 from dicom_node.identifiers import response, row_values
 from dicom_node.matching import KEYS, LEVELS, iter_matches, matching_instances
-from dicom_node.similar import PRIVATE_CREATOR, PRIVATE_GROUP, TOP_K, NotIndexedError, UnknownStudyError, similar_responses
+from dicom_node.retrieve import Stored
+from dicom_node.similar import (
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    TOP_K,
+    NotIndexedError,
+    UnknownStudyError,
+    similar_responses,
+)
 from dicom_node.sop_classes import IMAGE_STORAGE
 from dicom_node.storage import check_uid
 from dicom_node.web import instances
@@ -268,19 +276,19 @@ class DicomWeb:
         return _dicom_json(request, body, query.warnings)
 
     # -- WADO-RS ----------------------------------------------------------------------------------
-    def _instances(self, uids: dict[str, str], level: str) -> list[tuple[str, str, str]]:
-        """(path, SOP Class UID, transfer syntax) of the stored instances under the resource; 404 if none."""
+    def _instances(self, uids: dict[str, str], level: str) -> list[Stored]:
+        """The stored instances under the resource; 404 if none."""
         identifier = Dataset()
         identifier.QueryRetrieveLevel = level
         for keyword, uid in uids.items():
             setattr(identifier, keyword, uid)
         with self.services.catalog.session() as session:
-            found = matching_instances(session, identifier)
+            found = [Stored(*row) for row in matching_instances(session, identifier)]
         if not found:
             raise _not_found({"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}[level])
         return found
 
-    def _resource(self, request: Request) -> tuple[str, list[tuple[str, str, str]]]:
+    def _resource(self, request: Request) -> tuple[str, list[Stored]]:
         params = request.path_params
         uids = {k: _uid(params[p], k) for p, k in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
                                                     ("instance", "SOPInstanceUID")) if p in params}
@@ -292,11 +300,12 @@ class DicomWeb:
         _, found = self._resource(request)
         wishes = multipart_wishes(_accept(request), DICOM)
         plan = []
-        for path, _, stored in found:
+        for instance in found:
+            stored = instance.transfer_syntax
             syntax = next(filter(None, (_instance_syntax(part, wanted, stored) for part, wanted in wishes)), "")
             if not syntax:
                 raise DicomWebError(406, f"{DICOM} is offered in {stored} (as stored) or {ExplicitVRLittleEndian}")
-            plan.append((path, stored, syntax))
+            plan.append((instance.path, stored, syntax))
         content_type, boundary = multipart_type(DICOM)
         parts = (Part(f"{DICOM}; transfer-syntax={syntax}",
                       instances.part10(self.services.store.absolute(path), stored, syntax))
@@ -306,13 +315,13 @@ class DicomWeb:
     def metadata(self, request: Request) -> Response:
         _, found = self._resource(request)
         root = _root(request)
-        return _dicom_json(request, [instances.metadata(self.services.store.absolute(path), stored, root)
-                                     for path, _, stored in found])
+        return _dicom_json(request, [instances.metadata(self.services.store.absolute(i.path), i.transfer_syntax, root)
+                                     for i in found])
 
     def frames(self, request: Request) -> Response:
         """Frames as a multipart/related answer: as stored (transfer-syntax=*) or uncompressed."""
         _, found = self._resource(request)
-        path, _, stored = found[0]
+        path, stored = found[0].path, found[0].transfer_syntax
         numbers = _frame_numbers(request.path_params["frames"])
         wishes = multipart_wishes(_accept(request), OCTET_STREAM)
         native = next((c for c in (_frame_choice(part, wanted, stored) for part, wanted in wishes) if c is not None),
@@ -329,10 +338,10 @@ class DicomWeb:
         parts = [Part(f"{frame_media_type(syntax)}; transfer-syntax={syntax}", body) for body in data]
         return Response(b"".join(multipart_body(parts, boundary)), media_type=content_type)
 
-    def _first_image(self, request: Request) -> str:
-        """The stored path of the resource's first image (404 when it holds only reports)."""
+    def _first_image(self, request: Request) -> Stored:
+        """The resource's first image (404 when it holds only reports)."""
         _, found = self._resource(request)
-        image = next((path for path, sop_class, _ in found if sop_class in IMAGE_STORAGE), None)
+        image = next((i for i in found if i.sop_class in IMAGE_STORAGE), None)
         if image is None:
             raise _not_found("image")
         return image
@@ -343,7 +352,7 @@ class DicomWeb:
         if request.path_params.get("frames", "1") != "1":
             raise DicomWebError(404, "only frame 1 is rendered")
         media_type = _picture_type(request)
-        picture = self.renderer.picture(image, _viewport(request.query_params.get("viewport", "")))
+        picture = self.renderer.picture(image.path, _viewport(request.query_params.get("viewport", "")))
         return Response(_encode(picture, media_type), media_type=media_type)
 
     def thumbnail(self, request: Request) -> Response:
@@ -351,10 +360,10 @@ class DicomWeb:
         image = self._first_image(request)
         media_type = _picture_type(request)
         size = _viewport(request.query_params.get("viewport", "")) or THUMBNAIL_SIZE
-        if media_type == "image/png":
-            return Response(_encode(self.renderer.picture(image, size), media_type), media_type=media_type)
-        return FileResponse(self.renderer.thumbnail(image, self.services.store.sop_uid(image), size),
-                            media_type=media_type)
+        cached_sizes = (THUMBNAIL_SIZE, self.services.settings.web.thumbnail_size)
+        if media_type == "image/png" or size not in cached_sizes:  # only the usual sizes fill the disk cache
+            return Response(_encode(self.renderer.picture(image.path, size), media_type), media_type=media_type)
+        return FileResponse(self.renderer.thumbnail(image.path, image.sop_uid, size), media_type=media_type)
 
 
 def _instance_syntax(part: str, wanted: str, stored: str) -> str:

@@ -13,11 +13,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_node.errors import NodeError
+from dicom_node.retrieve import decoded
 
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 PIXEL_DATA = "7FE00010"
 JSON_CHARSET = "ISO_IR 192"  # PS3.18 F.2: DICOM JSON is UTF-8
 
@@ -36,10 +36,10 @@ def part10(path: Path, stored: str, wanted: str) -> bytes:
     if wanted != ExplicitVRLittleEndian:
         raise NodeError(f"cannot convert {stored} to {wanted}")
     ds = dcmread(path)
-    if not UID(stored).is_compressed:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if UID(stored).is_compressed:
+        ds = decoded(ds)  # as on a C-MOVE/C-GET: same SOP Instance UID, a lossy source stays marked lossy
     else:
-        ds.decompress(generate_instance_uid=False)  # pylibjpeg decodes; the instance keeps its identity
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

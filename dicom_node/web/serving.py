@@ -14,7 +14,7 @@ import threading
 import uvicorn
 from starlette.types import ASGIApp
 
-from config.settings import WebSettings
+from config.settings import WebSettings, is_loopback
 
 LOG = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class WebServer:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="web-http",
                                         daemon=True)
         self._thread.start()
-        if self.settings.auth == "none" and self.settings.host not in ("127.0.0.1", "::1", "localhost"):
-            LOG.warning("web server on %s without authentication: anyone who reaches it sees the pages",
+        if self.settings.auth == "none" and not is_loopback(self.settings.host):  # allow_unauthenticated is set
+            LOG.warning("web server on %s without authentication: anyone who reaches it sees every study",
                         self.settings.host)
         LOG.info("web pages on %s/", self.url)
 

@@ -144,7 +144,7 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
     similar = []
     for hit in hits:
         same = bool(query.patient_id) and hit.study.patient_id == query.patient_id
-        match = match_probability(calibration, hit.score)
+        match = match_probability(calibration, hit.study, hit.score)
         similar.append(case(hit.study, hit.finding_scores, rank=hit.rank, score=round(hit.score, 4), same_patient=same,
                             match_probability=None if match is None else round(match, 4),
                             reference_case=None if same else f"R{hit.study.id}",
@@ -152,4 +152,4 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
     own = case(query, from_blob(query.label_scores) if query.label_scores else None)
     return SimilarAnswer(QueryStudy(query.patient_name, query.patient_id, query.accession_number,
                                     query.study_description, own), similar, query.model_version,
-                         calibration is not None)
+                         calibration is not None and query.model_version == calibration.model_version)

@@ -18,8 +18,10 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from dicom_node.server import Node
 from dicom_node.similar import (
     EXCLUDE_SAME_PATIENT,
+    FINDING_PROBABILITIES,
     FINDING_SCORES,
     FINDINGS_FILTER,
+    MATCH_PROBABILITY,
     MIN_SCORE,
     MODEL_VERSION,
     ORIGINAL_DESCRIPTION,
@@ -41,8 +43,9 @@ from tests.helpers import dcmtk, dcmtk_env, wait_until
 
 
 @pytest.fixture()
-def loaded(start_node: Callable[..., Node], studies: list[dict[str, object]]) -> Node:
-    node = start_node(peers=[])
+def loaded(start_node: Callable[..., Node], studies: list[dict[str, object]], calibrated_model_dir: Path) -> Node:
+    """A node holding the five studies, with a model whose calibration shows each finding scored >= 0.5."""
+    node = start_node(peers=[], model={"path": str(calibrated_model_dir)})
     files = [s["image"] for s in studies] + [s["report"] for s in studies]
     result = storescu(node, *files)
     assert result.returncode == 0, result.stderr
@@ -166,8 +169,8 @@ def test_findscu_on_the_similar_title(loaded: Node, studies: list[dict[str, obje
     assert len(answers) == len(studies) - 1
     assert studies[0]["uid"] not in {a.StudyInstanceUID for a in answers}
     assert [a.StudyDescription.split()[0] for a in answers] == [f"#{i}" for i in range(1, len(answers) + 1)]
-    scores = [float(a.StudyDescription.split()[2].rstrip(":")) for a in answers]
-    assert scores == sorted(scores, reverse=True)
+    matches = [int(a.StudyDescription.split()[1].rstrip("%:")) for a in answers]  # '#1 97%: ...'
+    assert matches == sorted(matches, reverse=True)
 
 
 def test_similar_by_accession_and_private_keys(loaded: Node, studies: list[dict[str, object]]) -> None:
@@ -265,27 +268,29 @@ def test_similar_findings_filter_in_both_vrs_and_encodings(loaded: Node, studies
 
 
 def test_similar_answer_keys_and_description_within_64(loaded: Node, studies: list[dict[str, object]]) -> None:
-    every = set_findings(loaded, studies[2]["uid"], {name: 0.6 + i / 100 for i, name in enumerate(OBSERVATIONS)})
-    some = set_findings(loaded, studies[3]["uid"], {"Edema": 0.9, "Cardiomegaly": 0.7})
+    """The answer shows at most three calibrated findings, never No Finding beside a disease, the match
+    probability in its description, and keeps that description within 64 characters."""
+    crowded = set_findings(loaded, studies[2]["uid"], {"Enlarged Cardiomediastinum": 0.99, "Pleural Effusion": 0.98,
+                                                       "Support Devices": 0.97, "Edema": 0.6})
+    some = set_findings(loaded, studies[3]["uid"], {"Edema": 0.9, "Cardiomegaly": 0.7, "No Finding": 0.8})
     answers, final = find(loaded, similar_query(studies[0]["uid"]), "MMDL_SIMILAR", ExplicitVRLittleEndian)
     assert final.Status == Status.SUCCESS
     by_uid = {a.StudyInstanceUID: a for a in answers}
-    for uid, scores in ((studies[2]["uid"], every), (studies[3]["uid"], some)):
+    expected = {studies[2]["uid"]: (crowded, ["Enlarged Cardiomediastinum", "Pleural Effusion", "Support Devices"]),
+                studies[3]["uid"]: (some, ["Edema", "Cardiomegaly"])}
+    for uid, (scores, shown) in expected.items():
         answer = by_uid[uid]
         assert [float(v) for v in private(answer, FINDING_SCORES)] == pytest.approx(scores, abs=1e-4)
-        predicted = [OBSERVATIONS[i] for i in np.argsort(scores)[::-1] if scores[i] >= 0.5]
-        assert list(private(answer, PREDICTED_FINDINGS)) == predicted
+        assert list(private(answer, PREDICTED_FINDINGS)) == shown
+        probabilities = [scores[OBSERVATIONS.index(name)] for name in shown]  # the identity calibration
+        assert [float(v) for v in private(answer, FINDING_PROBABILITIES)] == pytest.approx(probabilities, abs=1e-4)
+        match = (1 + float(private(answer, SCORE))) / 2
+        assert float(private(answer, MATCH_PROBABILITY)) == pytest.approx(match, abs=1e-4)
+        assert answer.StudyDescription.startswith(f"#{int(private(answer, RANK))} {match:.0%}: ")
         assert private(answer, ORIGINAL_DESCRIPTION) == "CHEST PA"
         assert len(answer.StudyDescription) <= 64
     assert by_uid[studies[3]["uid"]].StudyDescription.endswith(": Edema, Cardiomegaly")
-    crowded = by_uid[studies[2]["uid"]].StudyDescription
-    shown, hidden = crowded.split(": ", 1)[1].rsplit(" +", 1)
-    assert len(crowded) > 55 and shown.split(", ") == every_name_by_score(every)[:len(shown.split(", "))]
-    assert len(shown.split(", ")) + int(hidden) == len(OBSERVATIONS)
-
-
-def every_name_by_score(scores: list[float]) -> list[str]:
-    return [OBSERVATIONS[i] for i in np.argsort(scores)[::-1]]
+    assert by_uid[studies[2]["uid"]].StudyDescription.endswith(": Enlarged Cardiomediastinum, Pleural Effusion +1")
 
 
 def test_similar_cancel_mid_answers(loaded: Node, studies: list[dict[str, object]]) -> None:

@@ -26,5 +26,6 @@ def test_findings_only_for_studies_embedded_by_the_calibrated_model() -> None:
     assert [name for name, _ in shown_findings(calibration, same, scores)] == ["Pneumonia"]
     assert shown_findings(calibration, other, scores) == []
     assert shown_findings(None, same, scores) == []
-    assert match_probability(None, 0.9) is None
-    assert match_probability(calibration, 0.99) > match_probability(calibration, 0.3)
+    assert match_probability(None, same, 0.9) is None
+    assert match_probability(calibration, other, 0.9) is None
+    assert match_probability(calibration, same, 0.99) > match_probability(calibration, same, 0.3)

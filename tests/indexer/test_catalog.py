@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from indexer.catalog import AddOutcome, Catalog, InstanceAttrs, ReportAttrs, SeriesAttrs, StudyAttrs
-from indexer.schema import Instance, Kind, Report
+from indexer.schema import CatalogFact, Instance, Kind, Report, Study
 
 
 @pytest.fixture()
@@ -71,3 +71,29 @@ def test_results_mark_studies_dirty_and_study_vectors_get_sequence_numbers(catal
     (pks, matrix), = list(catalog.study_vectors(after_seq=0))
     assert pks.tolist() == dirty and matrix[0].tolist() == [2, 2, 2, 2]
     assert list(catalog.study_vectors(after_seq=seq)) == []
+
+
+def test_study_vectors_of_an_older_rule_are_rebuilt_once(tmp_path: Path) -> None:
+    """A catalog written before study vectors were built from unit vectors (no rule recorded) gets every study
+    vector marked for the embedding job to rebuild, once; a catalog that records the current rule is left alone."""
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite3'}"
+    catalog = Catalog(url)
+    add(catalog, "1.1", "1.1.1.1")
+    add(catalog, "1.2", "1.2.1.1")
+    with catalog.session() as session:
+        session.query(Study).filter_by(study_uid="1.1").one().vector = np.ones(4, np.float32).tobytes()
+        session.query(CatalogFact).delete()  # as an older version left it
+        session.commit()
+    assert catalog.dirty_studies(10) == []
+    catalog.close()
+    reopened = Catalog(url)
+    with reopened.session() as session:
+        dirty = [s.study_uid for s in session.query(Study).filter_by(dirty=True)]
+    assert dirty == ["1.1"]  # the study without a vector has nothing to rebuild
+    with reopened.session() as session:  # the embedding job has rebuilt it
+        session.query(Study).update({"dirty": False})
+        session.commit()
+    reopened.close()
+    again = Catalog(url)
+    assert again.dirty_studies(10) == []
+    again.close()
