@@ -76,7 +76,8 @@ def _resolve_paths(model: BaseModel, location: tuple[str, ...], keys: tuple[str,
 def _check_files(settings: Settings, source: str) -> None:
     """Files the settings name must exist (checked after paths are resolved)."""
     missing = [f"{prefix}.{key}: file not found, got '{path}'"
-               for prefix, tls in (("tls", settings.tls), ("hl7.tls", settings.hl7.tls), ("web.tls", settings.web.tls)) if tls.enabled
+               for prefix, tls in (("tls", settings.tls), ("hl7.tls", settings.hl7.tls), ("web.tls", settings.web.tls))
+               if tls.enabled
                for key in _TLS_FILES if (path := getattr(tls, key)) is not None and not path.is_file()]
     if missing:
         raise ConfigError(source, missing)

@@ -16,7 +16,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from indexer.catalog import Catalog
 from indexer.schema import Instance, State, Study
 from tests.dicom_node.builders import basic_text_sr, dx_from_png, save
 from tests.helpers import dcmtk, dcmtk_env, free_port, wait_for_port, wait_until

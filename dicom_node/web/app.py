@@ -1,7 +1,8 @@
 """The node's web application (ASGI, Starlette): every HTTP route the node serves, in one list.
 
 ``create_app`` builds it from the node's ``Services`` and its thumbnail renderer; ``routes`` below is the one
-place where pages, APIs and mounted applications (DICOMweb) are added. Everything sits behind the configured authentication.
+place where pages, APIs and mounted applications (DICOMweb) are added. Everything sits behind the configured
+authentication.
 Logs carry UIDs and status codes only, never patient names, IDs, accession numbers or report text.
 """
 from __future__ import annotations

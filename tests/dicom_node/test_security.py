@@ -6,7 +6,6 @@ from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ

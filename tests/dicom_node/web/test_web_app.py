@@ -71,7 +71,8 @@ def test_findings_filter_needs_a_calibrated_model(web_node: WebNode) -> None:
 def test_no_authentication_beyond_loopback_unless_the_admin_says_so(host: str) -> None:
     with pytest.raises(ConfigError, match="without authentication"):
         settings_from_mapping({"web": {"enabled": True, "host": host}})
-    assert settings_from_mapping({"web": {"enabled": True, "host": host, "allow_unauthenticated": True}}).web.host == host
+    trusted = {"enabled": True, "host": host, "allow_unauthenticated": True}
+    assert settings_from_mapping({"web": trusted}).web.host == host
     token = {"enabled": True, "host": host, "auth": "token", "token": "t" * 16}
     assert settings_from_mapping({"web": token}).web.auth == "token"
     assert settings_from_mapping({"web": {"enabled": True, "host": "127.0.0.1"}}).web.auth == "none"
