@@ -112,19 +112,17 @@ REJECTION_REASONS = {0x01: "user rejection", 0x02: "no reason", 0x03: "abstract 
 
 def handle_accepted(event: Event) -> None:
     """Log the presentation contexts the node rejected, one line per association: AE titles, SOP classes and
-    reasons, no patient data. Storage classes a C-GET requestor offers to receive are routine (INFO)."""
-    offered_for_get = {uid for uid, role in event.assoc.requestor.role_selection.items() if role.scp_role}
-    rejected: dict[str, list[str]] = {}
-    routine = True
+    reasons, no patient data. Routine (INFO) while some context was accepted: peers such as storescu propose
+    every class they know; a WARNING when nothing was, since then the peer can do nothing here."""
+    rejected: dict[str, set[str]] = {}
     for context in event.assoc.rejected_contexts:
         reason = REJECTION_REASONS.get(context.result, f"result {context.result}")
-        rejected.setdefault(reason, []).append(context.abstract_syntax.name)
-        routine = routine and context.abstract_syntax in offered_for_get
+        rejected.setdefault(reason, set()).add(context.abstract_syntax.name)
     if rejected:
-        LOG.log(logging.INFO if routine else logging.WARNING,
+        LOG.log(logging.INFO if event.assoc.accepted_contexts else logging.WARNING,
                 "association %s -> %s: %d presentation contexts rejected: %s", calling_ae(event), called_ae(event),
                 len(event.assoc.rejected_contexts),
-                "; ".join(f"{reason}: {', '.join(names)}" for reason, names in rejected.items()))
+                "; ".join(f"{reason}: {', '.join(sorted(names))}" for reason, names in rejected.items()))
 
 
 @functools.lru_cache(maxsize=256)
