@@ -140,7 +140,7 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
     from config import load_settings
     from dicom_node.matching import study_summary
     from dicom_node.server import model_directory
-    from dicom_node.similar import find_similar, hit_identifier, parse_request
+    from dicom_node.similar import find_similar, hit_identifier, parse_request, query_study
     from indexer.catalog import Catalog
     from indexer.vector_index import HnswParams
     from models.calibration import load_calibration
@@ -157,7 +157,8 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
         t0 = time.perf_counter()
         index.search(vectors[row], 11)
         t1 = time.perf_counter()
-        hits = find_similar(catalog, index, parse_request(request, settings.query), calibration)
+        parsed = parse_request(request, settings.query)
+        hits = find_similar(catalog, index, query_study(catalog, parsed), parsed, calibration)
         t2 = time.perf_counter()
         with catalog.session() as session:
             summaries = study_summary(session, [hit.study.id for hit in hits])

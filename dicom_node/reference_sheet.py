@@ -45,6 +45,7 @@ from dicom_node.similar import (
     find_similar,
     match_probability,
     parse_request,
+    query_study,
     shown_findings,
 )
 from dicom_node.status import Status
@@ -291,9 +292,8 @@ class ReferenceSheets:
         # "not this patient": the sheet never shows the patient's own studies, whatever the query asked
         request = replace(request, top_k=min(request.top_k, MAX_CASES), exclude_same_patient=True)
         with self._lock:
-            hits = find_similar(self.catalog, self.index, request, self.calibration)
-            study = self.catalog.find_study(request.study_uid, request.accession_number)
-            assert study is not None  # find_similar found it
+            study = query_study(self.catalog, request)
+            hits = find_similar(self.catalog, self.index, study, request, self.calibration)
             if not hits:
                 raise NoSimilarCaseError(study.study_uid)
             reference = self._reference(study)

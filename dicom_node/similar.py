@@ -151,21 +151,26 @@ def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarReques
     )
 
 
+def query_study(catalog: Catalog, request: SimilarRequest) -> Study:
+    """The study the request names, indexed (UnknownStudyError, NotIndexedError otherwise)."""
+    query = catalog.find_study(request.study_uid, request.accession_number)
+    if query is None:
+        raise UnknownStudyError(request.study_uid)
+    if query.vector is None:
+        raise NotIndexedError(query.study_uid)
+    return query
+
+
 def find_similar(
-    catalog: Catalog, index: VectorIndex, request: SimilarRequest, calibration: Calibration | None = None
+    catalog: Catalog, index: VectorIndex, query: Study, request: SimilarRequest, calibration: Calibration | None = None
 ) -> list[Hit]:
-    """The most similar other studies, best first, after the request's filters.
+    """The studies most similar to ``query`` (from ``query_study``), best first, after the request's filters.
 
     The findings filter keeps studies with one of the wanted findings among their shown findings
     (``shown_findings``); without a calibration no finding is shown, so a filter keeps nothing.
     """
     if request.findings and calibration is None:  # it would keep nothing, after searching the whole index
         raise NodeError("the findings filter needs a calibrated model (mmdl-node calibrate)")
-    query = catalog.find_study(request.study_uid, request.accession_number)
-    if query is None:
-        raise UnknownStudyError(request.study_uid)
-    if query.vector is None:
-        raise NotIndexedError(query.study_uid)
     vector = from_blob(query.vector)
     wanted = set(request.findings)
     hits: list[Hit] = []
@@ -263,7 +268,8 @@ def similar_responses(
     calibration: Calibration | None = None,
 ) -> list[Dataset]:
     """All answer identifiers for a similar-case C-FIND request (raises NodeError subclasses)."""
-    hits = find_similar(catalog, index, parse_request(request, defaults), calibration)
+    parsed = parse_request(request, defaults)
+    hits = find_similar(catalog, index, query_study(catalog, parsed), parsed, calibration)
     with catalog.session() as session:
         summaries = study_summary(session, [hit.study.id for hit in hits])
     return [hit_identifier(request, hit, summaries.get(hit.study.id), retrieve_ae, calibration) for hit in hits]

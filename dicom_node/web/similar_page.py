@@ -28,6 +28,7 @@ from dicom_node.similar import (
     find_similar,
     match_probability,
     parse_request,
+    query_study,
     shown_findings,
 )
 from dicom_node.storage import check_uid
@@ -118,9 +119,8 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
     """Run the similar-case search and gather what the page shows (raises NodeError subclasses)."""
     settings, catalog, calibration = services.settings, services.catalog, services.calibration
     request = parse_request(identifier, settings.query)
-    hits = find_similar(catalog, services.index, request, calibration)
-    query = catalog.find_study(request.study_uid, request.accession_number)
-    assert query is not None  # find_similar raised UnknownStudyError otherwise
+    query = query_study(catalog, request)
+    hits = find_similar(catalog, services.index, query, request, calibration)
     pks = [query.id, *(hit.study.id for hit in hits)]
     with catalog.session() as session:
         summaries = study_summary(session, pks)

@@ -26,7 +26,7 @@ from dicom_node.reference_sheet import (
 )
 from dicom_node.server import Node
 from dicom_node.sheet_marker import SHEET_CASES, SHEET_CREATOR, SHEET_GROUP, is_reference_sheet
-from dicom_node.similar import PRIVATE_CREATOR, PRIVATE_GROUP, REFERENCE_SHEET, find_similar
+from dicom_node.similar import PRIVATE_CREATOR, PRIVATE_GROUP, REFERENCE_SHEET, find_similar, query_study
 from dicom_node.status import Status
 from dicom_node.web.render import Renderer
 from indexer.schema import Instance, Kind, Series, State, Study
@@ -115,8 +115,10 @@ def test_sheet_pixels_show_the_k_cases_pictures(start_node: Callable[..., Node],
     node = _loaded(start_node, studies, reference_sheet={"enabled": True})
     # studies 0 and 4 are one patient's: "not this patient" leaves study 4 out even when the query lets it in
     request = replace(node.sheets.default_request(str(studies[0]["uid"]), top_k=4), exclude_same_patient=False)
-    assert str(studies[4]["uid"]) in {h.study.study_uid for h in find_similar(node.catalog, node.index, request)}
-    hits = find_similar(node.catalog, node.index, replace(request, exclude_same_patient=True))
+    query = query_study(node.catalog, request)
+    answered = find_similar(node.catalog, node.index, query, request)
+    assert str(studies[4]["uid"]) in {h.study.study_uid for h in answered}
+    hits = find_similar(node.catalog, node.index, query, replace(request, exclude_same_patient=True))
     result = node.sheets.create(request.study_uid, request)
     pixels = dcmread(node.store.absolute(_sheet_rows(node)[0].path)).pixel_array
     layout = Layout(result.cases)
