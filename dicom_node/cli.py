@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -38,6 +39,9 @@ def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     node.start()
+    # What start-up loaded lives as long as the process: out of the collector's sight, a full collection
+    # walks only what serving creates (milliseconds, not a pause of every association).
+    gc.freeze()
     print(f"mmdl-node serving {settings.node.ae_title} and {settings.node.similar_ae_title} "
           f"on {settings.node.host}:{node.port}, data in {settings.node.data_dir}", flush=True)
     stopping.wait()

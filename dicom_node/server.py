@@ -32,6 +32,7 @@ from dicom_node.retrieve import HeldSyntaxes
 from dicom_node.reference_sheet import ReferenceSheets
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
+from dicom_node.upper_layer import WaitingAE
 from dicom_node.watchdog import AssociationWatchdog
 from dicom_node.web.app import create_app
 from dicom_node.web.render import Renderer
@@ -81,7 +82,7 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
 
 def build_ae(settings: Settings) -> AE:
     node = settings.node
-    ae = AE(ae_title=node.ae_title)
+    ae = WaitingAE(ae_title=node.ae_title)
     ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout_s

@@ -1,0 +1,261 @@
+"""pynetdicom's acceptor, waiting on its socket instead of polling it.
+
+pynetdicom 3.0 runs two threads per association, and both poll: the upper layer (DUL) reactor sleeps
+1 ms whenever a loop found nothing to do, and the association reactor sleeps 1 ms on every loop, so each
+message crossing an association waits up to a millisecond per thread it passes, and an idle association
+costs two threads waking a thousand times a second each. Socket reads are at most 4 KiB per `recv`.
+
+Subclasses here, used only for the associations the node accepts (through pynetdicom's documented
+`AE.make_server(..., request_handler=...)`; the installed package is neither edited nor patched):
+
+- `WaitingDUL` waits in `select` on the peer's socket and on a wake-up socket that every primitive handed
+  to it (a response to send, a release, an abort, a stop) rings, and it tells the association reactor
+  whenever its state machine moved;
+- `WaitingAssociation` runs pynetdicom's acceptor reactor loop, waiting on that signal instead of sleeping;
+- `LargeReadSocket` reads a PDU in as few `recv_into` calls as the kernel allows, into one buffer;
+- `WaitingRequestHandler` builds them for each accepted connection;
+- `WaitingServer` accepts without pynetdicom's forced `gc.collect()`, and `WaitingAE` starts its servers
+  as `WaitingServer`s with `WaitingRequestHandler`.
+
+Timers (ARTIM, network idle) are checked at least every `TIMER_CHECK_S`. The same change, made in
+pynetdicom itself, is `docs/pynetdicom-event-driven-reactors.patch`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import threading
+from copy import deepcopy
+from datetime import datetime
+from typing import Any, cast
+
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+LOG = logging.getLogger(__name__)
+
+# How often, at the longest, the reactors look at their timers (ARTIM, network idle, DIMSE).
+TIMER_CHECK_S = 0.1
+
+
+class WaitingDUL(DULServiceProvider):
+    """The DICOM upper layer reactor of pynetdicom, waiting on its socket and a wake-up socket instead of
+    sleeping 1 ms per idle loop. `moved` is set each time the state machine acts (and when the reactor
+    ends), for the association reactor to wait on."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.moved = threading.Event()
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+
+    def wake(self) -> None:
+        """Make the reactor look at its queues now."""
+        try:
+            self._wake_send.send(b"\0")
+        except (BlockingIOError, OSError):  # already ringing, or the reactor has ended
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self.wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        """Stop the reactor if the state machine is idle (Sta1); wait for it to end."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self.kill_dul()
+        if threading.current_thread() is not self:
+            self.join()
+        return True
+
+    def _wait(self) -> None:
+        """Block until the peer sent something, a primitive was handed in, or a timer may have expired."""
+        peer = self.socket.socket if self.socket is not None else None
+        waiting_on: list[Any] = [self._wake_recv] if peer is None else [self._wake_recv, peer]
+        try:
+            select.select(waiting_on, [], [], TIMER_CHECK_S)
+        except (OSError, ValueError):  # the peer's socket was closed meanwhile: look at the queues again
+            return
+        try:
+            while self._wake_recv.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop (one primitive sent or one PDU received, then one state machine event),
+        waiting in `_wait` where it would sleep."""
+        self._idle_timer.start()
+        busy = True
+        try:
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if not busy:
+                    self._wait()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if not self._process_recv_primitive() and self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception:
+                    self._abort_on_error()
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    busy = False
+                    continue
+                self.state_machine.do_action(event)
+                self.moved.set()
+                busy = True
+        finally:
+            self.moved.set()
+            self._wake_recv.close()
+            self._wake_send.close()
+
+    def _abort_on_error(self) -> None:
+        """An error in the reactor: send an A-ABORT past the state machine (whose state is then unknown)
+        and end both reactors, as pynetdicom does."""
+        LOG.exception("error in the upper layer reactor, aborting the association")
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = 0x00
+        try:
+            self.socket.send(pdu.encode())
+        except OSError:
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class WaitingAssociation(Association):
+    """An acceptor association whose reactor waits for its upper layer to move instead of sleeping 1 ms
+    per loop; otherwise pynetdicom's acceptor reactor, step for step."""
+
+    dul: WaitingDUL
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.dul = WaitingDUL(self)
+        # Association's timeout setters configure the upper layer's timers: configure the new one's.
+        self.acse_timeout, self.network_timeout = self.acse_timeout, self.network_timeout
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self.dul.moved.wait(TIMER_CHECK_S)
+            self.dul.moved.clear()
+            # Paused while a local send_*() or release() of this association uses the upper layer.
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            while True:  # every message already decoded, before looking at the association's state
+                context_id, message = self.dimse.get_msg(block=False)
+                if message is None:
+                    break
+                self._serve_request(message, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOG.debug("association released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for the abort
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                LOG.warning("network timeout: aborting the association")
+                self.abort()
+                self.kill()
+                return
+
+
+class LargeReadSocket(AssociationSocket):
+    """Reads what was asked for into one buffer, as much per `recv_into` as the kernel has (pynetdicom
+    reads at most 4 KiB per `recv`, a 1 MiB PDU in 256 system calls)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        data = bytearray(nr_bytes)
+        read = 0
+        with memoryview(data) as view:
+            while read < nr_bytes:
+                got = sock.recv_into(view[read:])
+                if not got:  # the peer closed: what was read so far
+                    break
+                read += got
+        del data[read:]
+        return data
+
+
+class WaitingRequestHandler(RequestHandler):
+    """Builds a `WaitingAssociation` on a `LargeReadSocket` for each accepted connection, configured as
+    pynetdicom configures its own acceptors (titles, limits, contexts, the server's event handlers)."""
+
+    def _create_association(self) -> Association:
+        ae, server = self.ae, self.server
+        assoc = WaitingAssociation(ae, MODE_ACCEPTOR)
+        assoc._server = server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(LargeReadSocket(assoc, client_socket=self.request))
+        local = assoc.acceptor
+        local.maximum_length = ae.maximum_pdu_size
+        local.ae_title = server.ae_title
+        local.address_info = self.local
+        local.implementation_class_uid = ae.implementation_class_uid
+        local.implementation_version_name = ae.implementation_version_name
+        local.supported_contexts = deepcopy(server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event in server.get_events():
+            bound = server.get_handlers(event)  # intervention: (handler, args); notification: a list of them
+            for handler, args in [bound] if event.is_intervention else bound:
+                if handler is not None:
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+class WaitingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server without its forced garbage collection: `service_actions` runs
+    `gc.collect()` every 60th accepted connection or half-second poll, a full collection that holds the
+    GIL for tens to hundreds of milliseconds with an index and a catalog in memory, stalling every
+    association of the process. Python's own collector still collects what associations leave behind."""
+
+    def service_actions(self) -> None:
+        pass
+
+
+class WaitingAE(AE):
+    """An AE whose servers are `WaitingServer`s accepting with `WaitingRequestHandler` (`start_server`
+    builds them through `make_server`)."""
+
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_class"] = WaitingServer
+        kwargs.setdefault("request_handler", WaitingRequestHandler)
+        return super().make_server(*args, **kwargs)
