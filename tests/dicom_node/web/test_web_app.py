@@ -2,6 +2,8 @@
 without a calibration, and who may serve it without authentication."""
 from __future__ import annotations
 
+import gc
+import socket
 from pathlib import Path
 
 import httpx
@@ -89,3 +91,26 @@ def test_wado_instance_decoded_from_jpeg_stays_marked_lossy(shared_data: Path, t
     assert decoded.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert decoded.LossyImageCompression == "01" and decoded.LossyImageCompressionMethod == "ISO_10918_1"
     assert float(decoded.LossyImageCompressionRatio) > 1
+
+
+def test_kept_alive_connections_have_nagle_off(web_node: WebNode) -> None:
+    """Each answer is written as headers then body: with Nagle's algorithm on, the body of every answer after the
+    first on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    assert web_node.node.web is not None
+    port = web_node.node.web.port
+    with httpx.Client() as client:
+        for _ in range(2):
+            assert client.get(f"{web_node.url}/thumbnails/1.2.3.jpg").status_code == 404
+        accepted = [s for s in gc.get_objects() if isinstance(s, socket.socket) and s.fileno() != -1
+                    and s.family in (socket.AF_INET, socket.AF_INET6) and s.getsockname()[1] == port
+                    and _connected(s)]
+        assert accepted
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
