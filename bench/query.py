@@ -1,25 +1,32 @@
-"""Similar-case query: C-FIND round trip (a new association per query, as a viewer does), recall@10
-against exact search, and the node's start-up time and memory on a data dir of N synthetic studies.
+"""Similar-case query: round trips (a new association per query, as a viewer does; and over HTTP/JSON),
+recall@10 against exact search, and the node's start-up time and memory on a data dir of N synthetic studies.
 
 Populates --work/query-N-mM-efcE with `bench populate` unless it is already there, starts
-`mmdl-node serve` on it, and times --queries similar-case C-FINDs for random studies. Recall@10 compares
-the node's answers with numpy brute force over the catalog's vectors (the query study excluded, as the
-node excludes it). Prints one JSON line per figure and a Markdown table. Run from the repository root:
+`mmdl-node serve` on it (web server on), and times --queries similar-case C-FINDs for random studies from
+three clients taking turns: a blocking one (bench/dicom_client.py, as compiled viewers are: the node's own
+latency), pynetdicom's with TCP_NODELAY and with Nagle's algorithm on (pynetdicom's requestor polls, which
+adds its own waits); then GET /api/studies/{uid}/similar on one kept-alive HTTP connection, and the C-FINDs
+on one open association. Recall@10 compares the node's answers with numpy brute force over the catalog's
+vectors (the query study excluded, as the node excludes it). Prints one JSON line per figure and a Markdown
+table. Run from the repository root:
 
     .venv/bin/python -m bench.query --count 100000
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
+from bench import dicom_client
 from dicom_node.handlers import NO_DELAY
 from indexer.populate import synthetic_uid
 from indexer.vector_index import VectorIndex
@@ -79,6 +87,34 @@ def similar_round_trip(port: int, study_uid: str, no_delay: bool) -> tuple[float
     uids = answered(assoc, study_uid)
     assoc.release()
     return time.perf_counter() - start, uids
+
+
+def blocking_round_trip(port: int, study_uid: str) -> tuple[float, list[str]]:
+    """Seconds from connect to release for one similar-case C-FIND from a blocking client (as compiled
+    viewers are; TCP_NODELAY), and the UIDs it answered: the node's latency without a polling client's."""
+    start = time.perf_counter()
+    sock = dicom_client.associate("127.0.0.1", port, "MMDL_SIMILAR", FIND)
+    uids = [str(answer.StudyInstanceUID) for answer in dicom_client.find(sock, FIND, similar_query(study_uid))]
+    dicom_client.release(sock)
+    return time.perf_counter() - start, uids
+
+
+def http_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
+    """Milliseconds per GET /api/studies/{uid}/similar (JSON, top 10) on one kept-alive HTTP connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.connect()
+    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for uid in study_uids:
+        start = time.perf_counter()
+        connection.request("GET", f"/api/studies/{uid}/similar", headers={"Accept": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+        times.append(time.perf_counter() - start)
+        if response.status != 200 or len(json.loads(body)["similar"]) != 10:
+            raise SystemExit(f"expected 10 similar studies over HTTP, got {response.status}: {body[:200]!r}")
+    connection.close()
+    return np.array(times) * 1000
 
 
 def open_association_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
@@ -184,9 +220,10 @@ def main() -> int:
 
     folder = args.work / f"query-{args.count}-m{args.m}-efc{args.ef_construction}"
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, web_port = free_port(), free_port()
     config = folder / f"node-ef{args.ef_search}.toml"
     config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "data"\n'
+                      f'[web]\nenabled = true\nport = {web_port}\n'
                       f'[index]\nm = {args.m}\nef_construction = {args.ef_construction}\nef_search = {args.ef_search}\n'
                       f'[logging]\nlevel = "WARNING"\n')
     figures: list[dict[str, object]] = []
@@ -219,21 +256,33 @@ def main() -> int:
         rng = np.random.default_rng(1)
         picks = rng.choice(len(vectors), size=min(args.queries, len(vectors)), replace=False)
         similar_round_trip(port, synthetic_uid(int(picks[0]) + 1), True)  # warm-up: first association, page cache
-        times: dict[bool, list[float]] = {True: [], False: []}
+        # Three clients on every study, taking turns at going first: a blocking one (as compiled viewers),
+        # and pynetdicom's (which polls) with TCP_NODELAY and with Nagle's algorithm on.
+        clients: dict[str, Callable[[str], tuple[float, list[str]]]] = {
+            "client_blocking": lambda uid: blocking_round_trip(port, uid),
+            "client_pynetdicom_nodelay": lambda uid: similar_round_trip(port, uid, True),
+            "client_pynetdicom_nagle": lambda uid: similar_round_trip(port, uid, False),
+        }
+        times: dict[str, list[float]] = {client: [] for client in clients}
         hits = 0
         load_before = load()
         for n, row in enumerate(picks.tolist()):
-            for no_delay in (n % 2 == 0, n % 2 == 1):  # both clients on every study, alternating which goes first
-                seconds, uids = similar_round_trip(port, synthetic_uid(row + 1), no_delay)
-                times[no_delay].append(seconds)
-                if no_delay:
+            names = list(clients)
+            for client in names[n % 3:] + names[:n % 3]:
+                seconds, uids = clients[client](synthetic_uid(row + 1))
+                times[client].append(seconds)
+                if client == "client_blocking":
                     answered = {int(u.rsplit(".", 1)[1]) - 1 for u in uids}
                     hits += len(answered & exact_top(vectors, row, 10))
-        for no_delay, client in ((True, "client_nodelay"), (False, "client_nagle")):
-            ms = np.array(times[no_delay]) * 1000
+        for client in clients:
+            ms = np.array(times[client]) * 1000
             figures.append({**base, "figure": f"similar_find_round_trip_ms_{client}", "queries": len(ms),
                             **percentiles(ms),
                             "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
+        load_before = load()
+        ms = http_round_trips(web_port, [synthetic_uid(row + 1) for row in picks.tolist()])
+        figures.append({**base, "figure": "similar_http_json_ms_keep_alive", "queries": len(ms), **percentiles(ms),
+                        "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         load_before = load()
         ms = open_association_round_trips(port, [synthetic_uid(row + 1) for row in picks.tolist()])
         figures.append({**base, "figure": "similar_find_ms_open_association", "queries": len(ms),

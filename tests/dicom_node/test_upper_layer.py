@@ -36,7 +36,7 @@ def test_accepted_associations_wait_instead_of_polling(start_node: Callable[...,
         time.sleep(0.3)
         cpu = time.process_time()
         time.sleep(1.0)
-        assert time.process_time() - cpu < 0.05
+        assert time.process_time() - cpu < 0.06
     finally:
         for sock in sockets:
             release(sock)
