@@ -7,18 +7,44 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    bindparam,
+    create_engine,
+    delete,
+    distinct,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import IndexerError
-from indexer.schema import Base, CatalogFact, HeldReport, Instance, Kind, Report, Series, State, Study
+from indexer.matching import build_query, instances_query
+from indexer.schema import (
+    Base,
+    CatalogFact,
+    HeldReport,
+    Instance,
+    Kind,
+    Report,
+    Series,
+    State,
+    Study,
+    keys_of_level,
+)
 from models.study import STUDY_VECTOR_RULE
 
 LOG = logging.getLogger(__name__)
@@ -40,40 +66,23 @@ _INSERT_SERIES = insert(Series).returning(Series.id)
 _INSERT_INSTANCE = insert(Instance)
 
 
-@dataclass(frozen=True)
-class StudyAttrs:
-    study_uid: str
-    patient_id: str = ""
-    patient_name: str = ""
-    patient_birth_date: str = ""
-    patient_sex: str = ""
-    accession_number: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    study_description: str = ""
-    study_id: str = ""
-    referring_physician: str = ""
+def _attrs(name: str, level: str, required: Sequence[tuple[str, type]] = (),
+           optional: Sequence[tuple[str, type, Any]] = ()) -> type:
+    """A frozen dataclass of what a received row at ``level`` records: the columns of the level's keys (its
+    UIDs first and required, the others "" when absent), plus ``required`` and ``optional`` other fields."""
+    keys = keys_of_level(level).values()
+    return make_dataclass(name, [
+        *((key.column, str) for key in keys if key.required),
+        *required,
+        *((key.column, str, field(default="")) for key in keys if not key.required),
+        *optional,
+    ], frozen=True)
 
 
-@dataclass(frozen=True)
-class SeriesAttrs:
-    series_uid: str
-    modality: str = ""
-    series_number: str = ""
-    series_description: str = ""
-    body_part: str = ""
-
-
-@dataclass(frozen=True)
-class InstanceAttrs:
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    path: str
-    size_bytes: int
-    kind: Kind
-    instance_number: str = ""
-    calling_ae: str = ""
+StudyAttrs = _attrs("StudyAttrs", "STUDY")
+SeriesAttrs = _attrs("SeriesAttrs", "SERIES")
+InstanceAttrs = _attrs("InstanceAttrs", "IMAGE", [("transfer_syntax", str), ("path", str), ("size_bytes", int),
+                                                  ("kind", Kind)], [("calling_ae", str, field(default=""))])
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,37 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _study_summaries(connection: Connection, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """ModalitiesInStudy, NumberOfStudyRelatedSeries and NumberOfStudyRelatedInstances of each study with a series."""
+    modalities = (func.group_concat(distinct(Series.modality)) if connection.dialect.name == "sqlite"
+                  else func.string_agg(distinct(Series.modality), ","))
+    rows = connection.execute(
+        select(Series.study_pk, modalities, func.count(distinct(Series.id)), func.count(Instance.id))
+        .join(Instance, Instance.series_pk == Series.id, isouter=True)
+        .where(Series.study_pk.in_(study_pks))
+        .group_by(Series.study_pk)
+    )
+    summaries = {}
+    for pk, joined, n_series, n_instances in rows:
+        held = sorted(filter(None, (joined or "").split(",")))
+        summaries[pk] = {"ModalitiesInStudy": held or "", "NumberOfStudyRelatedSeries": n_series,
+                         "NumberOfStudyRelatedInstances": n_instances}
+    return summaries
+
+
+def _answer_values(connection: Connection, level: str, rows: Sequence[Row[Any]]) -> dict[int, dict[str, Any]]:
+    """Per matched row (of ``indexer.matching.build_query``): the values of its keys by keyword, and at STUDY
+    level the study's modalities and counts (when it has series)."""
+    values = {}
+    for row in rows:
+        row_values = dict(row._mapping)
+        values[row_values.pop("pk")] = row_values
+    if level == "STUDY":
+        for pk, summary in _study_summaries(connection, list(values)).items():
+            values[pk].update(summary)
+    return values
+
+
 class Catalog:
     """All reads and writes of the catalog go through here; each method is one transaction."""
 
@@ -166,7 +206,7 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A read session for queries built elsewhere (C-FIND matching)."""
+        """A read session for queries built elsewhere."""
         with self._sessions() as session:
             yield session
 
@@ -391,6 +431,29 @@ class Catalog:
             return session.scalar(select(func.max(Study.index_seq))) or 0
 
     # -- answering -----------------------------------------------------------------------------
+    def matches(self, keys: Mapping[str, str], level: str, limit: int | None = None, offset: int = 0,
+                batch: int = 100) -> Iterator[dict[str, Any]]:
+        """The values (by keyword) of each row at ``level`` that ``keys`` match (``indexer.matching``), in the
+        order they were recorded, ``limit`` of them after the first ``offset``: every key at or above the
+        level and, at STUDY level, the study's modalities and counts. Read ``batch`` rows at a time, so that
+        a broad query does not load everything."""
+        stmt = build_query(keys, level).offset(offset).limit(limit).execution_options(yield_per=batch)
+        with self.engine.connect() as connection:
+            for rows in connection.execute(stmt).partitions():
+                yield from _answer_values(connection, level, rows).values()
+
+    def study_values(self, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """What ``matches`` answers for each of these studies, by primary key."""
+        with self.engine.connect() as connection:
+            return _answer_values(connection, "STUDY", connection.execute(
+                build_query({}, "STUDY").where(Study.id.in_(study_pks))).all())
+
+    def matching_instances(self, keys: Mapping[str, str], level: str) -> list[tuple[str, str, str, str]]:
+        """(SOP Instance UID, path, SOP Class UID, transfer syntax) of every instance under the rows at
+        ``level`` that ``keys`` match."""
+        with self.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(instances_query(keys, level))]
+
     def find_study(self, study_uid: str = "", accession_number: str = "") -> Study | None:
         """The study named by its UID, or else by its accession number (the most recent one)."""
         with self._sessions() as session:
@@ -448,3 +511,4 @@ class Catalog:
             for state, n in session.execute(select(Report.state, func.count()).group_by(Report.state)):
                 counts[f"report_text.{state.value}"] = n
         return counts
+
