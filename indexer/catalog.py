@@ -1,7 +1,9 @@
 """The catalog: what the node holds (studies, series, instances, reports), their embedding state and vectors.
 
-Any SQLAlchemy URL works; SQLite runs in WAL mode with full synchronous commits, so a committed
-row survives a crash (the node answers C-STORE success only after that commit).
+The node reads and writes it through ``Catalog``'s methods only, C-FIND matching included; ``session``
+and ``engine`` are open for the synthetic bulk load (``bench populate``) and for tests. Any SQLAlchemy URL
+works; SQLite runs in WAL mode with full synchronous commits, so a committed row survives a crash (the
+node answers C-STORE success only after that commit).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, make_dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -171,7 +174,7 @@ def _answer_values(connection: Connection, level: str, rows: Sequence[Row[Any]])
 
 
 class Catalog:
-    """All reads and writes of the catalog go through here; each method is one transaction."""
+    """What the node reads and writes in its catalog; each method is one transaction."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -206,7 +209,7 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A read session for queries built elsewhere."""
+        """A session for bulk loading (``bench populate``) and for tests; the node itself uses the methods."""
         with self._sessions() as session:
             yield session
 
@@ -493,6 +496,29 @@ class Catalog:
         with self._sessions() as session:
             return session.scalar(select(Instance.path).where(Instance.sop_uid == sop_uid, Instance.kind == Kind.IMAGE))
 
+    def instance_paths(self, study_pk: int, kinds: Sequence[Kind], indexed_only: bool = False) -> list[str]:
+        """The stored paths of the study's instances of these kinds (only the embedded ones if ``indexed_only``),
+        in the order received."""
+        query = (select(Instance.path).join(Series, Instance.series_pk == Series.id)
+                 .where(Series.study_pk == study_pk, Instance.kind.in_(kinds)).order_by(Instance.id))
+        if indexed_only:
+            query = query.where(Instance.state == State.INDEXED)
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    def held_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """Which of these SOP Instance UIDs the node holds."""
+        with self._sessions() as session:
+            return set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
+
+    def indexed_studies_since(self, since: datetime) -> list[str]:
+        """The StudyInstanceUIDs of the received (not synthetic) studies with a vector, recorded at ``since`` or
+        later, oldest first."""
+        with self._sessions() as session:
+            return list(session.scalars(
+                select(Study.study_uid).where(Study.vector.is_not(None), Study.created_at >= since,
+                                              Study.synthetic.is_(False)).order_by(Study.id)))
+
     def current_reports(self, study_pks: Sequence[int]) -> dict[int, str]:
         """The text of each study's current report (SR or HL7), for studies that have one."""
         with self._sessions() as session:
@@ -512,3 +538,13 @@ class Catalog:
                 counts[f"report_text.{state.value}"] = n
         return counts
 
+    def received_by_caller(self) -> list[tuple[str, int, int]]:
+        """(calling AE title, instances, bytes) of what each caller sent, all time."""
+        with self._sessions() as session:
+            return [(ae, count, size or 0) for ae, count, size in session.execute(
+                select(Instance.calling_ae, func.count(), func.sum(Instance.size_bytes)).group_by(Instance.calling_ae))]
+
+    def study_vector_count(self) -> int:
+        """How many studies have a vector."""
+        with self._sessions() as session:
+            return session.scalar(select(func.count()).select_from(Study).where(Study.vector.is_not(None)))
