@@ -27,16 +27,19 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 from indexer.errors import IndexerError
-from indexer.matching import build_query, instances_query
+from indexer.matching import MODEL_OF_LEVEL, build_query, instances_query
 from indexer.schema import (
+    QUERY_KEYS,
     Base,
     CatalogFact,
     HeldReport,
@@ -180,8 +183,31 @@ class Catalog:
         self.url = url
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        self._add_key_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._follow_study_vector_rule()
+
+    def _add_key_columns(self) -> None:
+        """Add the columns (and their indexes) of QUERY_KEYS added since the catalog was made, empty for the
+        rows already held; ``create_all`` makes only missing tables. (A new unique key would not get its
+        constraint this way.)"""
+        inspector = inspect(self.engine)  # caches each table's columns
+        missing = []
+        for key in QUERY_KEYS.values():
+            table = MODEL_OF_LEVEL[key.level].__table__
+            if key.column not in {held["name"] for held in inspector.get_columns(table.name)}:
+                missing.append(table.c[key.column])
+        if not missing:
+            return
+        with self.engine.begin() as connection:
+            for column in missing:
+                connection.exec_driver_sql(f"ALTER TABLE {column.table.name} ADD COLUMN "
+                                           f"{CreateColumn(column).compile(dialect=self.engine.dialect)} DEFAULT ''")
+                for index in column.table.indexes:
+                    if column.name in index.columns:
+                        index.create(connection)
+        LOG.warning("catalog columns added, empty for the rows already held: %s",
+                    ", ".join(f"{column.table.name}.{column.name}" for column in missing))
 
     def _follow_study_vector_rule(self) -> None:
         """Study vectors built by another rule than ``models.study.study_vector``'s (a catalog of an older

@@ -3,7 +3,8 @@
 ``QUERY_KEYS`` is the one list of the DICOM attributes the catalog holds per study, series and instance:
 it makes their columns here, what the receive path records (``indexer.catalog``'s StudyAttrs, SeriesAttrs,
 InstanceAttrs; ``dicom_node.ingest.key_values``), what C-FIND and QIDO match on (``indexer.matching``) and
-the values they answer with. Adding a key to it is all that adding a C-FIND key takes.
+the values they answer with. Adding a key to it is all that adding a C-FIND key takes; a catalog made
+before the key was added gains its column when opened (``indexer.catalog``).
 """
 from __future__ import annotations
 
