@@ -1,7 +1,8 @@
 """pynetdicom event handlers: thin functions that get their dependencies as arguments (House style).
 
-Each handler answers with a DICOM status: the errors of a request (NodeError and its kinds) become the
-status that names them here; C-STORE's come from the Ingestor, which decides what a received dataset gets.
+Each handler answers with a DICOM status: the errors of a request (NodeError and its kinds, an unreadable
+C-STORE dataset too) become the status that names them here; a readable dataset's C-STORE status comes from
+the Ingestor, which decides what a received dataset gets. Any other exception is pynetdicom's to answer.
 """
 from __future__ import annotations
 
