@@ -82,7 +82,7 @@ def _attrs(name: str, level: str, required: Sequence[tuple[str, type]] = (),
         *required,
         *((key.column, str, field(default="")) for key in keys if not key.required),
         *optional,
-    ], frozen=True)
+    ], frozen=True, namespace={"__module__": __name__})
 
 
 StudyAttrs = _attrs("StudyAttrs", "STUDY")
