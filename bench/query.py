@@ -174,7 +174,6 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
     """In this process, on the same data dir: ms per stage of answering one similar-case query, and
     the stall an index snapshot causes."""
     from config import load_settings
-    from dicom_node.matching import study_summary
     from dicom_node.server import model_directory
     from dicom_node.similar import find_similar, hit_identifier, parse_request, query_study
     from indexer.catalog import Catalog
@@ -187,7 +186,7 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
     catalog = Catalog(settings.catalog_url)
     index = VectorIndex.open(HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction,
                                         settings.index.ef_search), settings.node.data_dir / "index", catalog)
-    stages: dict[str, list[float]] = {"hnsw_search": [], "find_similar": [], "study_summary": [], "identifiers": []}
+    stages: dict[str, list[float]] = {"hnsw_search": [], "find_similar": [], "study_values": [], "identifiers": []}
     for row in picks:
         request = similar_query(synthetic_uid(row + 1))
         t0 = time.perf_counter()
@@ -196,10 +195,9 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
         parsed = parse_request(request, settings.query)
         hits = find_similar(catalog, index, query_study(catalog, parsed), parsed, calibration)
         t2 = time.perf_counter()
-        with catalog.session() as session:
-            summaries = study_summary(session, [hit.study.id for hit in hits])
+        values = catalog.study_values([hit.study.id for hit in hits])
         t3 = time.perf_counter()
-        [hit_identifier(request, hit, summaries.get(hit.study.id), "MMDL_SIMILAR", calibration) for hit in hits]
+        [hit_identifier(request, hit, values[hit.study.id], "MMDL_SIMILAR", calibration) for hit in hits]
         t4 = time.perf_counter()
         for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             stages[name].append(seconds * 1000)

@@ -57,7 +57,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dicom_node.glance import status_lines
+    from dicom_node.status_command import status_lines
 
     lines = status_lines(load_settings(args.config))
     print("\n".join(lines))

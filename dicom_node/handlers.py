@@ -1,6 +1,8 @@
 """pynetdicom event handlers: thin functions that get their dependencies as arguments (House style).
 
-The node's errors are mapped to DICOM statuses here, in one place.
+Each handler answers with a DICOM status: the errors of a request (NodeError and its kinds, an unreadable
+C-STORE dataset too) become the status that names them here; a readable dataset's C-STORE status comes from
+the Ingestor, which decides what a received dataset gets. Any other exception is pynetdicom's to answer.
 """
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import logging
 import socket
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -21,10 +22,10 @@ from pynetdicom.presentation import build_context
 
 from config.settings import Settings
 from dicom_node.errors import NodeError
-from dicom_node.identifiers import response, row_values
+from dicom_node.identifiers import response
 from dicom_node.ingest import IngestResult, Ingestor, read_received
 from dicom_node.metrics import Metrics
-from dicom_node.matching import iter_matches, matching_instances, query_level
+from dicom_node.matching import matching_keys, query_level
 from dicom_node.retrieve import (
     HeldSyntaxes,
     Receiver,
@@ -241,12 +242,6 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
         yield Status.PENDING, answer
 
 
-def _pages(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(rows)
-    while page := list(islice(iterator, size)):
-        yield page
-
-
 def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
     request = event.identifier
     try:
@@ -256,22 +251,19 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
         return
     count = 0
     retrieve_ae = called_ae(event)
-    with services.catalog.session() as session:
-        for page in _pages(iter_matches(session, request, level), 100):
-            for values in row_values(session, level, page):
-                if event.is_cancelled:
-                    yield Status.CANCEL, None
-                    return
-                yield Status.PENDING, response(request, level, values, retrieve_ae)
-            count += len(page)
+    for values in services.catalog.matches(matching_keys(request), level):
+        if event.is_cancelled:
+            yield Status.CANCEL, None
+            return
+        yield Status.PENDING, response(request, level, values, retrieve_ae)
+        count += 1
     LOG.info("C-FIND from %s at %s level: %d matches", calling_ae(event), level, count)
 
 
 def _instances(event: Event, services: Services) -> list[Stored]:
     """The stored instances a C-MOVE or C-GET names by its unique keys; NodeError when it names none properly."""
-    keys = retrieve_keys(event.identifier)
-    with services.catalog.session() as session:
-        return [Stored(*row) for row in matching_instances(session, keys)]
+    level, keys = retrieve_keys(event.identifier)
+    return [Stored(*row) for row in services.catalog.matching_instances(keys, level)]
 
 
 def _refuse_retrieve(event: Event, services: Services, operation: str, error: NodeError) -> Answer:

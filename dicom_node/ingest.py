@@ -23,7 +23,7 @@ from dicom_node.status import Status
 from dicom_node.storage import FileStore, check_uid
 from indexer.errors import IndexerError
 from indexer.catalog import AddOutcome, Catalog, InstanceAttrs, ReportAttrs, SeriesAttrs, StudyAttrs
-from indexer.schema import Kind
+from indexer.schema import Kind, keys_of_level
 
 LOG = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ class IngestResult:
     comment: str = ""
     outcome: AddOutcome | None = None
     size: int = 0
-
-
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
-    return str(ds.get(keyword, "") or "").strip()[:limit]
 
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -88,30 +84,11 @@ def read_received(received: Path) -> Dataset:
     return ds
 
 
-def study_attrs(ds: Dataset) -> StudyAttrs:
-    return StudyAttrs(
-        study_uid=str(ds.StudyInstanceUID),
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName", 324),
-        patient_birth_date=_text(ds, "PatientBirthDate", 8),
-        patient_sex=_text(ds, "PatientSex", 16),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=_text(ds, "StudyTime", 16),
-        study_description=_text(ds, "StudyDescription"),
-        study_id=_text(ds, "StudyID", 16),
-        referring_physician=_text(ds, "ReferringPhysicianName", 324),
-    )
-
-
-def series_attrs(ds: Dataset) -> SeriesAttrs:
-    return SeriesAttrs(
-        series_uid=str(ds.SeriesInstanceUID),
-        modality=_text(ds, "Modality", 16),
-        series_number=_text(ds, "SeriesNumber", 12),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined", 16),
-    )
+def key_values(ds: Dataset, level: str) -> dict[str, str]:
+    """The catalog columns of the keys at ``level`` (``indexer.schema.QUERY_KEYS``) with the dataset's values,
+    each cut to its column's size ("" when absent)."""
+    return {key.column: str(ds.get(keyword, "") or "").strip()[:key.max_length]
+            for keyword, key in keys_of_level(level).items()}
 
 
 class Ingestor:
@@ -141,7 +118,8 @@ class Ingestor:
                 ReportAttrs(text=report_text(ds), report_time=report_time(ds)) if kind is Kind.REPORT else None
             )
             relative = self.store.relative_path(study_uid, series_uid, sop_uid)
-            study, series = study_attrs(ds), series_attrs(ds)
+            study, series = StudyAttrs(**key_values(ds, "STUDY")), SeriesAttrs(**key_values(ds, "SERIES"))
+            instance_keys = key_values(ds, "IMAGE")
         except (NodeError, ValueError, TypeError, AttributeError, KeyError) as error:
             return IngestResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error))
         if report is not None and not report.text:
@@ -160,16 +138,8 @@ class Ingestor:
             except OSError as error:
                 LOG.error("cannot write instance %s: %s", sop_uid, error)
                 return IngestResult(Status.OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}")
-            instance = InstanceAttrs(
-                sop_uid=sop_uid,
-                sop_class_uid=sop_class_uid,
-                transfer_syntax=transfer_syntax,
-                path=relative,
-                size_bytes=size,
-                kind=kind,
-                instance_number=_text(ds, "InstanceNumber", 12),
-                calling_ae=calling_ae,
-            )
+            instance = InstanceAttrs(**instance_keys, transfer_syntax=transfer_syntax, path=relative, size_bytes=size,
+                                     kind=kind, calling_ae=calling_ae)
             try:
                 outcome = self.catalog.add_instance(study, series, instance, report)
             except IndexerError as error:

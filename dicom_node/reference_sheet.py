@@ -30,7 +30,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE
-from sqlalchemy import select
 
 from config.settings import Peer, Settings
 from dicom_node.errors import NodeError
@@ -51,7 +50,7 @@ from dicom_node.similar import (
 from dicom_node.status import Status
 from dicom_node.storage import FileStore
 from indexer.catalog import Catalog
-from indexer.schema import Instance, Kind, Series, State, Study
+from indexer.schema import Kind, Study
 from indexer.vector_index import VectorIndex
 from models.calibration import Calibration
 from models.errors import ModelError
@@ -348,35 +347,23 @@ class ReferenceSheets:
 
     def _studies_without_sheet(self, limit: int) -> list[str]:
         since = datetime.now(timezone.utc) - timedelta(hours=self.settings.reference_sheet.new_study_max_age_h)
-        with self.catalog.session() as session:
-            candidates = list(session.scalars(
-                select(Study.study_uid).where(Study.vector.is_not(None), Study.created_at >= since,
-                                              Study.synthetic.is_(False)).order_by(Study.id)))
-            wanted = {automatic_sheet_uid(uid): uid for uid in candidates}
-            held = set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(list(wanted)))))
+        wanted = {automatic_sheet_uid(uid): uid for uid in self.catalog.indexed_studies_since(since)}
+        held = self.catalog.held_instances(list(wanted))
         return [uid for sheet, uid in wanted.items() if sheet not in held][:limit]
 
-    def _paths(self, study_pk: int, kinds: tuple[Kind, ...], indexed_only: bool = False) -> list[str]:
-        with self.catalog.session() as session:
-            query = (select(Instance.path).join(Series, Instance.series_pk == Series.id)
-                     .where(Series.study_pk == study_pk, Instance.kind.in_(kinds)).order_by(Instance.id))
-            if indexed_only:
-                query = query.where(Instance.state == State.INDEXED)
-            return list(session.scalars(query))
-
     def _sheet_count(self, study_pk: int) -> int:
-        return len(self._paths(study_pk, (Kind.SHEET,)))
+        return len(self.catalog.instance_paths(study_pk, (Kind.SHEET,)))
 
     def _reference(self, study: Study) -> Dataset:
         """An instance of the query study (not a sheet), whose patient and study attributes the sheet copies."""
-        paths = self._paths(study.id, (Kind.IMAGE, Kind.REPORT))
+        paths = self.catalog.instance_paths(study.id, (Kind.IMAGE, Kind.REPORT))
         if not paths:
             raise SheetError(study.study_uid, "the study holds no instance to take its attributes from")
         return dcmread(self.store.absolute(paths[0]), stop_before_pixels=True)
 
     def _picture(self, hit: Hit) -> Image.Image | None:
         """The first embedded image of the hit's study not flagged as carrying burned-in text, fitted to a tile."""
-        for relative in self._paths(hit.study.id, (Kind.IMAGE,), indexed_only=True):
+        for relative in self.catalog.instance_paths(hit.study.id, (Kind.IMAGE,), indexed_only=True):
             header = dcmread(self.store.absolute(relative), stop_before_pixels=True,
                              specific_tags=["BurnedInAnnotation"])
             if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":

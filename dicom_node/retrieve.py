@@ -77,8 +77,8 @@ def _is_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts)
 
 
-def retrieve_keys(identifier: Dataset) -> Dataset:
-    """The identifier reduced to its level and unique keys, each one UID or a list of UIDs.
+def retrieve_keys(identifier: Dataset) -> tuple[str, dict[str, str]]:
+    """The identifier's level and its unique keys, each one UID or a list of UIDs joined by backslashes.
 
     Raises NodeError (answered 0xA900) for another level, a missing or empty key, a wildcard or any
     value that is not a UID: a retrieve must name what it takes.
@@ -86,14 +86,13 @@ def retrieve_keys(identifier: Dataset) -> Dataset:
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in UNIQUE_KEYS:
         raise NodeError(f"QueryRetrieveLevel must be STUDY, SERIES or IMAGE, not {level[:8]!r}")
-    keys = Dataset()
-    keys.QueryRetrieveLevel = level
+    keys = {}
     for keyword in UNIQUE_KEYS[level]:
         uids = _uids(identifier, keyword)
         if not uids or not all(_is_uid(uid) for uid in uids):
             raise NodeError(f"{keyword} must be one UID or a UID list")
-        setattr(keys, keyword, uids if len(uids) > 1 else uids[0])
-    return keys
+        keys[keyword] = "\\".join(uids)
+    return level, keys
 
 
 def offered_contexts(encodings: Iterable[tuple[str, str]]) -> list[PresentationContext]:

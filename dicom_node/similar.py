@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -19,8 +20,7 @@ from pydicom.dataset import Dataset
 
 from config.settings import QuerySettings
 from dicom_node.errors import NodeError
-from dicom_node.identifiers import response, study_values
-from dicom_node.matching import study_summary
+from dicom_node.identifiers import response
 from indexer.catalog import Catalog, from_blob
 from indexer.schema import Study
 from indexer.vector_index import VectorIndex
@@ -235,13 +235,14 @@ def describe(rank: int, score: float, match: float | None, findings: list[str], 
 
 
 def hit_identifier(
-    request: Dataset, hit: Hit, summary: tuple[str, int, int] | None, retrieve_ae: str, calibration: Calibration | None
+    request: Dataset, hit: Hit, values: dict[str, Any], retrieve_ae: str, calibration: Calibration | None
 ) -> Dataset:
-    """The answer for one hit, readable in a plain viewer (StudyDescription) and in the private block."""
+    """The answer for one hit, readable in a plain viewer (StudyDescription) and in the private block; ``values``
+    are its study's (``Catalog.study_values``)."""
     shown = shown_findings(calibration, hit.study, hit.finding_scores)
     findings = [name for name, _ in shown]
     match = match_probability(calibration, hit.study, hit.score)
-    values = {**study_values(hit.study, summary), "StudyDescription": describe(hit.rank, hit.score, match, findings)}
+    values = {**values, "StudyDescription": describe(hit.rank, hit.score, match, findings)}
     if "StudyDescription" not in request:
         request = request.copy()
         request.StudyDescription = ""
@@ -270,9 +271,8 @@ def similar_responses(
     """All answer identifiers for a similar-case C-FIND request (raises NodeError subclasses)."""
     parsed = parse_request(request, defaults)
     hits = find_similar(catalog, index, query_study(catalog, parsed), parsed, calibration)
-    with catalog.session() as session:
-        summaries = study_summary(session, [hit.study.id for hit in hits])
-    return [hit_identifier(request, hit, summaries.get(hit.study.id), retrieve_ae, calibration) for hit in hits]
+    values = catalog.study_values([hit.study.id for hit in hits])
+    return [hit_identifier(request, hit, values[hit.study.id], retrieve_ae, calibration) for hit in hits]
 
 
 def sheet_requested(identifier: Dataset) -> bool:

@@ -1,24 +1,56 @@
 """The catalog: what the node holds (studies, series, instances, reports), their embedding state and vectors.
 
-Any SQLAlchemy URL works; SQLite runs in WAL mode with full synchronous commits, so a committed
-row survives a crash (the node answers C-STORE success only after that commit).
+The node reads and writes it through ``Catalog``'s methods only, C-FIND matching included; ``session``
+and ``engine`` are open for the synthetic bulk load (``bench populate``) and for tests. Any SQLAlchemy URL
+works; SQLite runs in WAL mode with full synchronous commits, so a committed row survives a crash (the
+node answers C-STORE success only after that commit).
 """
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    bindparam,
+    create_engine,
+    delete,
+    distinct,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 from indexer.errors import IndexerError
-from indexer.schema import Base, CatalogFact, HeldReport, Instance, Kind, Report, Series, State, Study
+from indexer.matching import MODEL_OF_LEVEL, build_query, instances_query
+from indexer.schema import (
+    QUERY_KEYS,
+    Base,
+    CatalogFact,
+    HeldReport,
+    Instance,
+    Kind,
+    Report,
+    Series,
+    State,
+    Study,
+    keys_of_level,
+)
 from models.study import STUDY_VECTOR_RULE
 
 LOG = logging.getLogger(__name__)
@@ -40,40 +72,23 @@ _INSERT_SERIES = insert(Series).returning(Series.id)
 _INSERT_INSTANCE = insert(Instance)
 
 
-@dataclass(frozen=True)
-class StudyAttrs:
-    study_uid: str
-    patient_id: str = ""
-    patient_name: str = ""
-    patient_birth_date: str = ""
-    patient_sex: str = ""
-    accession_number: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    study_description: str = ""
-    study_id: str = ""
-    referring_physician: str = ""
+def _attrs(name: str, level: str, required: Sequence[tuple[str, type]] = (),
+           optional: Sequence[tuple[str, type, Any]] = ()) -> type:
+    """A frozen dataclass of what a received row at ``level`` records: the columns of the level's keys (its
+    UIDs first and required, the others "" when absent), plus ``required`` and ``optional`` other fields."""
+    keys = keys_of_level(level).values()
+    return make_dataclass(name, [
+        *((key.column, str) for key in keys if key.required),
+        *required,
+        *((key.column, str, field(default="")) for key in keys if not key.required),
+        *optional,
+    ], frozen=True, namespace={"__module__": __name__})
 
 
-@dataclass(frozen=True)
-class SeriesAttrs:
-    series_uid: str
-    modality: str = ""
-    series_number: str = ""
-    series_description: str = ""
-    body_part: str = ""
-
-
-@dataclass(frozen=True)
-class InstanceAttrs:
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    path: str
-    size_bytes: int
-    kind: Kind
-    instance_number: str = ""
-    calling_ae: str = ""
+StudyAttrs = _attrs("StudyAttrs", "STUDY")
+SeriesAttrs = _attrs("SeriesAttrs", "SERIES")
+InstanceAttrs = _attrs("InstanceAttrs", "IMAGE", [("transfer_syntax", str), ("path", str), ("size_bytes", int),
+                                                  ("kind", Kind)], [("calling_ae", str, field(default=""))])
 
 
 @dataclass(frozen=True)
@@ -130,15 +145,69 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _study_summaries(connection: Connection, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """ModalitiesInStudy, NumberOfStudyRelatedSeries and NumberOfStudyRelatedInstances of each study with a series."""
+    modalities = (func.group_concat(distinct(Series.modality)) if connection.dialect.name == "sqlite"
+                  else func.string_agg(distinct(Series.modality), ","))
+    rows = connection.execute(
+        select(Series.study_pk, modalities, func.count(distinct(Series.id)), func.count(Instance.id))
+        .join(Instance, Instance.series_pk == Series.id, isouter=True)
+        .where(Series.study_pk.in_(study_pks))
+        .group_by(Series.study_pk)
+    )
+    summaries = {}
+    for pk, joined, n_series, n_instances in rows:
+        held = sorted(filter(None, (joined or "").split(",")))
+        summaries[pk] = {"ModalitiesInStudy": held or "", "NumberOfStudyRelatedSeries": n_series,
+                         "NumberOfStudyRelatedInstances": n_instances}
+    return summaries
+
+
+def _answer_values(connection: Connection, level: str, rows: Sequence[Row[Any]]) -> dict[int, dict[str, Any]]:
+    """Per matched row (of ``indexer.matching.build_query``): the values of its keys by keyword, and at STUDY
+    level the study's modalities and counts (when it has series)."""
+    values = {}
+    for row in rows:
+        row_values = dict(row._mapping)
+        values[row_values.pop("pk")] = row_values
+    if level == "STUDY":
+        for pk, summary in _study_summaries(connection, list(values)).items():
+            values[pk].update(summary)
+    return values
+
+
 class Catalog:
-    """All reads and writes of the catalog go through here; each method is one transaction."""
+    """What the node reads and writes in its catalog; each method is one transaction."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        self._add_key_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._follow_study_vector_rule()
+
+    def _add_key_columns(self) -> None:
+        """Add the columns (and their indexes) of QUERY_KEYS added since the catalog was made, empty for the
+        rows already held; ``create_all`` makes only missing tables. (A new unique key would not get its
+        constraint this way.)"""
+        inspector = inspect(self.engine)  # caches each table's columns
+        missing = []
+        for key in QUERY_KEYS.values():
+            table = MODEL_OF_LEVEL[key.level].__table__
+            if key.column not in {held["name"] for held in inspector.get_columns(table.name)}:
+                missing.append(table.c[key.column])
+        if not missing:
+            return
+        with self.engine.begin() as connection:
+            for column in missing:
+                connection.exec_driver_sql(f"ALTER TABLE {column.table.name} ADD COLUMN "
+                                           f"{CreateColumn(column).compile(dialect=self.engine.dialect)} DEFAULT ''")
+                for index in column.table.indexes:
+                    if column.name in index.columns:
+                        index.create(connection)
+        LOG.warning("catalog columns added, empty for the rows already held: %s",
+                    ", ".join(f"{column.table.name}.{column.name}" for column in missing))
 
     def _follow_study_vector_rule(self) -> None:
         """Study vectors built by another rule than ``models.study.study_vector``'s (a catalog of an older
@@ -166,7 +235,7 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A read session for queries built elsewhere (C-FIND matching)."""
+        """A session for bulk loading (``bench populate``) and for tests; the node itself uses the methods."""
         with self._sessions() as session:
             yield session
 
@@ -391,6 +460,29 @@ class Catalog:
             return session.scalar(select(func.max(Study.index_seq))) or 0
 
     # -- answering -----------------------------------------------------------------------------
+    def matches(self, keys: Mapping[str, str], level: str, limit: int | None = None, offset: int = 0,
+                batch: int = 100) -> Iterator[dict[str, Any]]:
+        """The values (by keyword) of each row at ``level`` that ``keys`` match (``indexer.matching``), in the
+        order they were recorded, ``limit`` of them after the first ``offset``: every key at or above the
+        level and, at STUDY level, the study's modalities and counts. Read ``batch`` rows at a time, so that
+        a broad query does not load everything."""
+        stmt = build_query(keys, level).offset(offset).limit(limit).execution_options(yield_per=batch)
+        with self.engine.connect() as connection:
+            for rows in connection.execute(stmt).partitions():
+                yield from _answer_values(connection, level, rows).values()
+
+    def study_values(self, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """What ``matches`` answers for each of these studies, by primary key."""
+        with self.engine.connect() as connection:
+            return _answer_values(connection, "STUDY", connection.execute(
+                build_query({}, "STUDY").where(Study.id.in_(study_pks))).all())
+
+    def matching_instances(self, keys: Mapping[str, str], level: str) -> list[tuple[str, str, str, str]]:
+        """(SOP Instance UID, path, SOP Class UID, transfer syntax) of every instance under the rows at
+        ``level`` that ``keys`` match."""
+        with self.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(instances_query(keys, level))]
+
     def find_study(self, study_uid: str = "", accession_number: str = "") -> Study | None:
         """The study named by its UID, or else by its accession number (the most recent one)."""
         with self._sessions() as session:
@@ -430,6 +522,29 @@ class Catalog:
         with self._sessions() as session:
             return session.scalar(select(Instance.path).where(Instance.sop_uid == sop_uid, Instance.kind == Kind.IMAGE))
 
+    def instance_paths(self, study_pk: int, kinds: Sequence[Kind], indexed_only: bool = False) -> list[str]:
+        """The stored paths of the study's instances of these kinds (only the embedded ones if ``indexed_only``),
+        in the order received."""
+        query = (select(Instance.path).join(Series, Instance.series_pk == Series.id)
+                 .where(Series.study_pk == study_pk, Instance.kind.in_(kinds)).order_by(Instance.id))
+        if indexed_only:
+            query = query.where(Instance.state == State.INDEXED)
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    def held_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """Which of these SOP Instance UIDs the node holds."""
+        with self._sessions() as session:
+            return set(session.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
+
+    def indexed_studies_since(self, since: datetime) -> list[str]:
+        """The StudyInstanceUIDs of the received (not synthetic) studies with a vector, recorded at ``since`` or
+        later, oldest first."""
+        with self._sessions() as session:
+            return list(session.scalars(
+                select(Study.study_uid).where(Study.vector.is_not(None), Study.created_at >= since,
+                                              Study.synthetic.is_(False)).order_by(Study.id)))
+
     def current_reports(self, study_pks: Sequence[int]) -> dict[int, str]:
         """The text of each study's current report (SR or HL7), for studies that have one."""
         with self._sessions() as session:
@@ -448,3 +563,14 @@ class Catalog:
             for state, n in session.execute(select(Report.state, func.count()).group_by(Report.state)):
                 counts[f"report_text.{state.value}"] = n
         return counts
+
+    def received_by_caller(self) -> list[tuple[str, int, int]]:
+        """(calling AE title, instances, bytes) of what each caller sent, all time."""
+        with self._sessions() as session:
+            return [(ae, count, size or 0) for ae, count, size in session.execute(
+                select(Instance.calling_ae, func.count(), func.sum(Instance.size_bytes)).group_by(Instance.calling_ae))]
+
+    def study_vector_count(self) -> int:
+        """How many studies have a vector."""
+        with self._sessions() as session:
+            return session.scalar(select(func.count()).select_from(Study).where(Study.vector.is_not(None)))

@@ -1,11 +1,79 @@
-"""The catalog's tables: studies, series, instances, reports, with their embedding state and vectors."""
+"""The catalog's tables: studies, series, instances, reports, with their embedding state and vectors.
+
+``QUERY_KEYS`` is the one list of the DICOM attributes the catalog holds per study, series and instance:
+it makes their columns here, what the receive path records (``indexer.catalog``'s StudyAttrs, SeriesAttrs,
+InstanceAttrs; ``dicom_node.ingest.key_values``), what C-FIND and QIDO match on (``indexer.matching``) and
+the values they answer with. Adding a key to it is all that adding a C-FIND key takes; a catalog made
+before the key was added gains its column when opened (``indexer.catalog``).
+"""
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import Boolean, DateTime, Enum, ForeignKey, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column, relationship
+
+LEVELS = ("STUDY", "SERIES", "IMAGE")  # Study Root query levels, each table below the one before
+
+
+@dataclass(frozen=True)
+class QueryKey:
+    """A DICOM attribute the catalog holds: where, how it matches, how long it may be."""
+
+    level: str  # one of LEVELS: held in the studies, series or instances table
+    column: str
+    # How it matches (indexer.matching): "uid" one UID or a list; "text" a single value or a wildcard (* ?);
+    # "date", "time" a single value or a range. PN values match as text.
+    kind: str
+    max_length: int  # the column's size; a longer received value is cut to it
+    index: bool = False
+    unique: bool = False
+
+    @property
+    def required(self) -> bool:
+        """UIDs name their row: a row is recorded with them or not at all. The other keys default to ""."""
+        return self.kind == "uid"
+
+
+QUERY_KEYS: dict[str, QueryKey] = {
+    "StudyInstanceUID": QueryKey("STUDY", "study_uid", "uid", 64, unique=True),
+    "PatientID": QueryKey("STUDY", "patient_id", "text", 64, index=True),
+    "PatientName": QueryKey("STUDY", "patient_name", "text", 324),
+    "PatientBirthDate": QueryKey("STUDY", "patient_birth_date", "date", 8),
+    "PatientSex": QueryKey("STUDY", "patient_sex", "text", 16),
+    "AccessionNumber": QueryKey("STUDY", "accession_number", "text", 16, index=True),
+    "StudyDate": QueryKey("STUDY", "study_date", "date", 8, index=True),
+    "StudyTime": QueryKey("STUDY", "study_time", "time", 16),
+    "StudyDescription": QueryKey("STUDY", "study_description", "text", 64),
+    "StudyID": QueryKey("STUDY", "study_id", "text", 16),
+    "ReferringPhysicianName": QueryKey("STUDY", "referring_physician", "text", 324),
+    "SeriesInstanceUID": QueryKey("SERIES", "series_uid", "uid", 64, unique=True),
+    "Modality": QueryKey("SERIES", "modality", "text", 16, index=True),
+    "SeriesNumber": QueryKey("SERIES", "series_number", "text", 12),
+    "SeriesDescription": QueryKey("SERIES", "series_description", "text", 64),
+    "BodyPartExamined": QueryKey("SERIES", "body_part", "text", 16),
+    "SOPInstanceUID": QueryKey("IMAGE", "sop_uid", "uid", 64, unique=True),
+    "SOPClassUID": QueryKey("IMAGE", "sop_class_uid", "uid", 64),
+    "InstanceNumber": QueryKey("IMAGE", "instance_number", "text", 12),
+}
+
+
+def keys_of_level(level: str) -> dict[str, QueryKey]:
+    """The keys held in ``level``'s own table."""
+    return {keyword: key for keyword, key in QUERY_KEYS.items() if key.level == level}
+
+
+def _key_columns(level: str) -> type:
+    """A mixin with the columns of ``level``'s keys (declarative copies them into the mapped class)."""
+    columns: dict[str, MappedColumn[Any]] = {
+        key.column: mapped_column(String(key.max_length), nullable=False, index=key.index, unique=key.unique,
+                                  default=None if key.required else "")
+        for key in keys_of_level(level).values()
+    }
+    return type(f"{level.title()}Keys", (), columns)
 
 
 def utcnow() -> datetime:
@@ -31,21 +99,10 @@ class Base(DeclarativeBase):
     pass
 
 
-class Study(Base):
+class Study(_key_columns("STUDY"), Base):
     __tablename__ = "studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
-    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
-    patient_sex: Mapped[str] = mapped_column(String(16), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
-    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
-    study_time: Mapped[str] = mapped_column(String(16), default="")
-    study_description: Mapped[str] = mapped_column(String(64), default="")
-    study_id: Mapped[str] = mapped_column(String(16), default="")
-    referring_physician: Mapped[str] = mapped_column(String(324), default="")
     # The study's point in the common space (float32 bytes), its predicted label probabilities
     # (float32 bytes, OBSERVATIONS order), and a monotonic sequence number so that an index
     # snapshot can be caught up with what changed after it.
@@ -62,29 +119,21 @@ class Study(Base):
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
 
-class Series(Base):
+class Series(_key_columns("SERIES"), Base):
     __tablename__ = "series"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
-    series_number: Mapped[str] = mapped_column(String(12), default="")
-    series_description: Mapped[str] = mapped_column(String(64), default="")
-    body_part: Mapped[str] = mapped_column(String(16), default="")
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
 
-class Instance(Base):
+class Instance(_key_columns("IMAGE"), Base):
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    instance_number: Mapped[str] = mapped_column(String(12), default="")
     transfer_syntax: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # relative to the storage root
     size_bytes: Mapped[int] = mapped_column(Integer)

@@ -2,7 +2,7 @@
 
 Two roots:
 - ``/dicomweb``: the archive. QIDO-RS study, series and instance search (the C-FIND matcher of
-  ``dicom_node.matching``: single value, wildcard, UID list, date/time range; no fuzzy matching),
+  ``indexer.matching``: single value, wildcard, UID list, date/time range; no fuzzy matching),
   WADO-RS retrieve of instances (Part 10), metadata (DICOM JSON), frames, rendered and thumbnail images.
 - ``/dicomweb-similar``: the same resources, except that ``GET /studies`` is the similar-case search:
   ``StudyInstanceUID`` or ``AccessionNumber`` names the query study; the answers are its most similar
@@ -34,8 +34,8 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from dicom_node.errors import NodeError
 from dicom_node.handlers import Services
-from dicom_node.identifiers import response, row_values
-from dicom_node.matching import KEYS, LEVELS, iter_matches, matching_instances
+from dicom_node.identifiers import response
+from dicom_node.matching import matching_keys
 from dicom_node.retrieve import Stored
 from dicom_node.similar import (
     PRIVATE_CREATOR,
@@ -61,6 +61,7 @@ from dicom_node.web.media import (
     parse_accept,
 )
 from dicom_node.web.render import Renderer, jpeg_bytes
+from indexer.schema import LEVELS, QUERY_KEYS
 
 LOG = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
         elif name == "includefield":
             for item in filter(None, (v.strip() for v in value.split(","))):
                 if item == "all":
-                    returned += [k for k, key in KEYS.items() if LEVELS.index(key.level) <= depth]
+                    returned += [k for k, key in QUERY_KEYS.items() if LEVELS.index(key.level) <= depth]
                     returned += list(SUMMARY_KEYS) if level == "STUDY" else []
                 else:
                     returned.append(_keyword(item))
@@ -164,7 +165,8 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
     for keyword, given in values.items():
         joined = "\\".join(v.replace(",", "\\") if dictionary_VR(tag_for_keyword(keyword)) == "UI" else v
                            for v in given)
-        matchable = keyword == "ModalitiesInStudy" or (keyword in KEYS and LEVELS.index(KEYS[keyword].level) <= depth)
+        matchable = keyword == "ModalitiesInStudy" or (keyword in QUERY_KEYS
+                                                       and LEVELS.index(QUERY_KEYS[keyword].level) <= depth)
         if joined and not matchable:
             query.warnings.append(f"{keyword} is not supported for matching at this level and was ignored")
         elif joined:
@@ -239,12 +241,12 @@ class DicomWeb:
             limit = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS)
             root = _root(request)
             retrieve_ae = self.services.settings.node.ae_title
-            with self.services.catalog.session() as session:
-                rows = list(iter_matches(session, query.identifier, level, limit + 1, query.offset))
-                if len(rows) > limit:
-                    query.warnings.append("There are additional results that can be requested")
-                answers = [_to_json(response(query.identifier, level, values, retrieve_ae), root, level)
-                           for values in row_values(session, level, rows[:limit])]
+            matches = list(self.services.catalog.matches(matching_keys(query.identifier), level, limit + 1,
+                                                          query.offset))
+            if len(matches) > limit:
+                query.warnings.append("There are additional results that can be requested")
+            answers = [_to_json(response(query.identifier, level, values, retrieve_ae), root, level)
+                       for values in matches[:limit]]
             return _dicom_json(request, answers, query.warnings)
 
         return endpoint
@@ -278,12 +280,7 @@ class DicomWeb:
     # -- WADO-RS ----------------------------------------------------------------------------------
     def _instances(self, uids: dict[str, str], level: str) -> list[Stored]:
         """The stored instances under the resource; 404 if none."""
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = level
-        for keyword, uid in uids.items():
-            setattr(identifier, keyword, uid)
-        with self.services.catalog.session() as session:
-            found = [Stored(*row) for row in matching_instances(session, identifier)]
+        found = [Stored(*row) for row in self.services.catalog.matching_instances(uids, level)]
         if not found:
             raise _not_found({"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}[level])
         return found

@@ -17,7 +17,6 @@ from pydicom.dataset import Dataset
 from config.settings import WebSettings
 from dicom_node.errors import NodeError
 from dicom_node.handlers import Services
-from dicom_node.matching import study_summary
 from dicom_node.similar import (
     EXCLUDE_SAME_PATIENT,
     FINDINGS_FILTER,
@@ -122,8 +121,7 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
     query = query_study(catalog, request)
     hits = find_similar(catalog, services.index, query, request, calibration)
     pks = [query.id, *(hit.study.id for hit in hits)]
-    with catalog.session() as session:
-        summaries = study_summary(session, pks)
+    values = catalog.study_values(pks)
     images = catalog.first_images(pks)
     reports = catalog.current_reports(pks)
 
@@ -132,7 +130,7 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
         return Case(
             study_uid=study.study_uid,
             study_date=iso_date(study.study_date),
-            modalities=[m for m in summaries.get(study.id, ("", 0, 0))[0].split("\\") if m],
+            modalities=list(values[study.id].get("ModalitiesInStudy") or []),
             findings=[] if scores is None else [{"name": n, "probability": round(p, 4)}
                                                  for n, p in shown_findings(calibration, study, scores)],
             finding_scores={} if scores is None else {n: round(float(p), 4) for n, p in zip(OBSERVATIONS, scores)},

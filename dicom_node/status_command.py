@@ -7,11 +7,9 @@ import urllib.request
 from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
 
 from config.settings import Settings
 from indexer.catalog import Catalog
-from indexer.schema import Instance, Study
 
 
 def _base_url(settings: Settings) -> str:
@@ -72,17 +70,13 @@ def _from_catalog(settings: Settings, why: str) -> list[str]:
     try:
         lines = [f"source: catalog {settings.catalog_url} (node not reachable: {why})",
                  f"health: catalog {'reachable' if catalog.reachable() else 'NOT reachable'}"]
-        with catalog.session() as session:
-            rows = session.execute(select(Instance.calling_ae, func.count(), func.sum(Instance.size_bytes))
-                                   .group_by(Instance.calling_ae)).all()
-            studies = session.scalar(select(func.count()).select_from(Study).where(Study.vector.is_not(None)))
-        for ae, count, size in rows:
-            lines.append(f"received from {ae or '(unknown)'}: {count} instances, {(size or 0) / 2**20:.1f} MiB (all time)")
+        for ae, count, size in catalog.received_by_caller():
+            lines.append(f"received from {ae or '(unknown)'}: {count} instances, {size / 2**20:.1f} MiB (all time)")
         counts = catalog.state_counts()
         lines.append(f"queue: {counts.get('image.pending', 0)} images, {counts.get('report_text.pending', 0)} reports "
                      f"pending; {catalog.held_report_count()} reports waiting for their study")
         lines.append("items: " + ", ".join(f"{key} {n}" for key, n in sorted(counts.items())))
-        lines.append(f"index: {studies} studies with a vector")
+        lines.append(f"index: {catalog.study_vector_count()} studies with a vector")
         return lines
     finally:
         catalog.close()

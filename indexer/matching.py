@@ -1,0 +1,91 @@
+"""Study Root C-FIND matching over the catalog's tables (PS3.4 C.2.2.2), for C-FIND, C-MOVE, C-GET and QIDO.
+
+Keys are keyword: value strings, a list of values joined by backslashes (``dicom_node.matching`` reads them
+from a request). Supported per key of QUERY_KEYS: universal (empty or *), single value, wildcard (* and ?),
+UID list and date/time range (A-B, -B, A-); and ModalitiesInStudy, a list of modalities. Keys below the
+query level are ignored. A single value matches as the database compares (exactly), a wildcard with LIKE
+(without regard to ASCII case in SQLite): a PN value matches as any text.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Select, and_, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from indexer.schema import LEVELS, QUERY_KEYS, Instance, QueryKey, Series, Study
+
+MODEL_OF_LEVEL = {"STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+
+
+def column(keyword: str) -> InstrumentedAttribute[Any]:
+    key = QUERY_KEYS[keyword]
+    return getattr(MODEL_OF_LEVEL[key.level], key.column)
+
+
+def keys_down_to(level: str) -> list[str]:
+    """The keywords held at ``level`` and the levels above it."""
+    depth = LEVELS.index(level)
+    return [keyword for keyword, key in QUERY_KEYS.items() if LEVELS.index(key.level) <= depth]
+
+
+def _like(pattern: str) -> str:
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _condition(key: QueryKey, attribute: InstrumentedAttribute[Any], value: str) -> Any:
+    if key.kind == "uid":
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        return attribute.in_(uids) if len(uids) > 1 else attribute == uids[0]
+    if key.kind in ("date", "time") and "-" in value:
+        low, _, high = value.partition("-")
+        low, high = low.strip().replace(":", ""), high.strip().replace(":", "")
+        if key.kind == "time" and high:
+            high = high.ljust(6, "9")  # 1200 matches up to 120099.999...
+        parts = ([attribute >= low] if low else []) + ([attribute <= high] if high else [])
+        return and_(*parts)
+    if "*" in value or "?" in value:
+        return attribute.like(_like(value), escape="\\")
+    return attribute == value
+
+
+def build_query(keys: Mapping[str, str], level: str) -> Select[Any]:
+    """A SELECT of the rows at ``level`` that match every key at or above it, in the order they were
+    recorded: each row's primary key as ``pk``, then the value of every key at or above ``level``,
+    labelled by its keyword."""
+    model = MODEL_OF_LEVEL[level]
+    held = keys_down_to(level)
+    stmt = select(model.id.label("pk"), *(column(keyword).label(keyword) for keyword in held)).select_from(model)
+    if level == "SERIES":
+        stmt = stmt.join(Study, Series.study_pk == Study.id)
+    elif level == "IMAGE":
+        stmt = stmt.join(Series, Instance.series_pk == Series.id).join(Study, Series.study_pk == Study.id)
+    for keyword in held:
+        value = keys.get(keyword, "")
+        if value and value != "*":
+            stmt = stmt.where(_condition(QUERY_KEYS[keyword], column(keyword), value))
+    modalities = keys.get("ModalitiesInStudy", "")
+    if modalities and modalities != "*":
+        wanted = [m for m in modalities.split("\\") if m]
+        stmt = stmt.where(
+            (Study.id if level == "STUDY" else Series.study_pk).in_(select(Series.study_pk).where(Series.modality.in_(wanted)))
+        )
+    return stmt.order_by(model.id)
+
+
+def instances_query(keys: Mapping[str, str], level: str) -> Select[Any]:
+    """(SOP Instance UID, path, SOP Class UID, transfer syntax) of every instance under the rows at ``level``
+    that ``keys`` match, series by series."""
+    matched = build_query(keys, level).with_only_columns(MODEL_OF_LEVEL[level].id).order_by(None)
+    stmt = select(Instance.sop_uid, Instance.path, Instance.sop_class_uid, Instance.transfer_syntax).join(
+        Series, Instance.series_pk == Series.id
+    )
+    if level == "STUDY":
+        stmt = stmt.where(Series.study_pk.in_(matched))
+    elif level == "SERIES":
+        stmt = stmt.where(Series.id.in_(matched))
+    else:
+        stmt = stmt.where(Instance.id.in_(matched))
+    return stmt.order_by(Series.id, Instance.id)
