@@ -50,6 +50,7 @@ QUERY_KEYS: dict[str, QueryKey] = {
     "StudyDescription": QueryKey("STUDY", "study_description", "text", 64),
     "StudyID": QueryKey("STUDY", "study_id", "text", 16),
     "ReferringPhysicianName": QueryKey("STUDY", "referring_physician", "text", 324),
+    "PatientAge": QueryKey("STUDY", "patient_age", "text", 4),
     "SeriesInstanceUID": QueryKey("SERIES", "series_uid", "uid", 64, unique=True),
     "Modality": QueryKey("SERIES", "modality", "text", 16, index=True),
     "SeriesNumber": QueryKey("SERIES", "series_number", "text", 12),

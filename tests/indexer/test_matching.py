@@ -57,7 +57,7 @@ def node(tmp_path: Path) -> Node:
     node.receive(STUDY_A, "P1", "ACC1", PatientName="Doe^John", StudyDate="20240105", StudyTime="101500",
                  ReferringPhysicianName="Smith^Anna", Modality="CR")  # a second series of study A
     node.receive(STUDY_B, "P2", "ACC_2", PatientName="DOE^JANE", StudyDate="20240210", StudyTime="143000",
-                 ReferringPhysicianName="Jones^Bob", Modality="CR")
+                 ReferringPhysicianName="Jones^Bob", Modality="CR", PatientAge="067Y")
     node.receive(STUDY_C, "P3", "ACC3", PatientName="Roe^Richard", StudyDate="20231231", StudyTime="080000")
     yield node
     node.catalog.close()
@@ -138,6 +138,22 @@ def test_referring_physician_is_received_matched_and_answered(node: Node) -> Non
     (values,) = node.catalog.matches(matching_keys(query.identifier), "STUDY")
     json = response(query.identifier, "STUDY", values, "NODE").to_json_dict()
     assert json["00080090"]["Value"] == [{"Alphabetic": "Jones^Bob"}]  # a QIDO default key
+
+
+def test_patient_age_a_key_added_by_one_line_of_the_table(node: Node, tmp_path: Path) -> None:
+    """PatientAge (Patient Study module, STUDY level) was added to the node by its line in QUERY_KEYS alone:
+    received, matched, answered in C-FIND and QIDO identifiers, and added to a catalog made without it."""
+    assert studies(node, PatientAge="067Y") == [STUDY_B]
+    assert studies(node, PatientAge="06*") == [STUDY_B]
+    request = Dataset()
+    request.QueryRetrieveLevel = "STUDY"
+    request.StudyInstanceUID = STUDY_B
+    request.PatientAge = ""
+    (values,) = node.catalog.matches(matching_keys(request), "STUDY")
+    assert response(request, "STUDY", values, "NODE").PatientAge == "067Y"
+    query = parse_query(QueryParams("PatientAge=067Y&includefield=PatientAge"), "STUDY", {})
+    (values,) = node.catalog.matches(matching_keys(query.identifier), "STUDY")
+    assert response(query.identifier, "STUDY", values, "NODE").to_json_dict()["00101010"]["Value"] == ["067Y"]
 
 
 def test_received_values_are_cut_to_their_column() -> None:
