@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from bench.query import load, machine
+from bench.query import load, machine, serve
 from tests.dicom_node.builders import dx_from_pixels
 from tests.helpers import dcmtk_env, free_port, port_open
 
@@ -96,7 +96,9 @@ def main() -> int:
     parser.add_argument("--count-8mb", type=int, default=32)
     parser.add_argument("--count-small", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
+    parser.add_argument("--node-tree", type=Path, help="serve from this checkout of the node (before/after runs)")
     args = parser.parse_args()
+    args.work = args.work.resolve()
 
     folder = args.work / "ingest"
     shutil.rmtree(folder, ignore_errors=True)
@@ -104,8 +106,7 @@ def main() -> int:
     node_port, scp_port = free_port(), free_port()
     (folder / "node.toml").write_text(f'[node]\nhost = "127.0.0.1"\nport = {node_port}\ndata_dir = "data"\n'
                                       f'[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
-    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(folder / "node.toml")],
-                            stdout=open(folder / "node.log", "wb"), stderr=subprocess.STDOUT)
+    node = serve(folder / "node.toml", folder / "node.log", args.node_tree)
     scp = subprocess.Popen(["storescp", "-od", str(folder / "storescp"), str(scp_port)], env=dcmtk_env(),
                            stdout=open(folder / "storescp.log", "wb"), stderr=subprocess.STDOUT)
     rates: dict[tuple[str, int, str], list[float]] = {}

@@ -56,6 +56,14 @@ def rss_mib(pid: int) -> dict[str, float]:
     return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
 
 
+def serve(config: Path, log: Path, tree: Path | None = None) -> subprocess.Popen[bytes]:
+    """`mmdl-node serve --config config` in a new process; from ``tree``, another checkout of the node (a
+    worktree of an earlier commit), when given, so that a before/after comparison runs the same bench."""
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            cwd=tree, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
 def similar_query(study_uid: str) -> Dataset:
     """A similar-case request for one study, asking for the description (rank, score, findings)."""
     query = Dataset()
@@ -214,7 +222,9 @@ def main() -> int:
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--ef-search", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
+    parser.add_argument("--node-tree", type=Path, help="serve from this checkout of the node (before/after runs)")
     args = parser.parse_args()
+    args.work = args.work.resolve()
 
     folder = args.work / f"query-{args.count}-m{args.m}-efc{args.ef_construction}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,8 +251,7 @@ def main() -> int:
     del rows
 
     started = time.monotonic()
-    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                            stdout=open(folder / "node.log", "ab"), stderr=subprocess.STDOUT)
+    node = serve(config, folder / "node.log", args.node_tree)
     try:
         while not port_open(port):
             if node.poll() is not None or time.monotonic() - started > 600:
