@@ -20,7 +20,7 @@ DELEGATED = {
     "train": ("models.commands.train", "train an MMDL model from a manifest"),
     "calibrate": ("models.commands.calibrate", "fit calibrated findings and the match probability into a model"),
     "evaluate": ("models.commands.evaluate", "evaluate retrieval (mAP@k, per-class AP, Acc-k) on a manifest"),
-    "bench": ("indexer.populate", "benchmark tools: populate a data dir with synthetic studies"),
+    "bench": ("bench.populate", "benchmark tools: populate a data dir with synthetic studies"),
 }
 
 

@@ -40,16 +40,14 @@ from indexer.catalog import Catalog
 from indexer.embedding import EmbeddingJob, Encoder
 from indexer.scheduler import JobScheduler
 from indexer.vector_index import HnswParams, VectorIndex
+from models.bundle_manifest import DEFAULT_MODEL_DIR, embedding_dim
 from models.calibration import load_calibration
-from models.observations import EMBEDDING_DIM
 
 LOG = logging.getLogger(__name__)
 
 
 def model_directory(settings: Settings) -> Path:
-    """The MMDL model directory the settings name (the shipped one by default); imports torch only here."""
-    from models.bundle import DEFAULT_MODEL_DIR
-
+    """The MMDL model directory the settings name (the shipped one by default)."""
     return settings.model.path or DEFAULT_MODEL_DIR
 
 
@@ -109,7 +107,7 @@ class Node:
             LOG.warning("removed %d partial files left by an interrupted receive", removed)
         self.catalog = Catalog(settings.catalog_url)
         self.renderer = Renderer(self.store, data_dir / "thumbnails")  # pictures of stored images, for people
-        params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
+        params = HnswParams.from_settings(embedding_dim(model_directory(settings)), settings.index)
         self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
         self._snapshot_seq = self.index.seq
         self.metrics = Metrics()
