@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.backbone import DenseNetBackbone
-from models.backbone_training import PreparedImage, extract_features, prepare_image, prepared_features
+from models.backbone import DenseNetBackbone, PreparedImage, extract_features, prepare_image, prepared_features
 from models.bundle_manifest import MANIFEST, read_manifest
 from models.calibration import Calibration
 from models.errors import ModelError
