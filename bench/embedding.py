@@ -41,9 +41,9 @@ from indexer.catalog import Catalog, InstanceAttrs, SeriesAttrs, StudyAttrs
 from indexer.embedding import EmbeddingJob
 from indexer.schema import Kind
 from indexer.vector_index import HnswParams, VectorIndex
-from models.bundle import DEFAULT_MODEL_DIR, MMDLModel, create_random_model
+from models.bundle import MMDLModel, create_random_model
+from models.bundle_manifest import DEFAULT_MODEL_DIR
 from models.imaging import to_model_input
-from models.observations import EMBEDDING_DIM
 from tests.dicom_node.builders import dx_from_png
 
 
@@ -97,7 +97,7 @@ def end_to_end(folder: Path, storage: Path, files: list[InstanceAttrs], model: M
     """Images/s of one embedding job run over ``files``, all pending, model already loaded, and the
     share of the run that the job's thread spent in the model's image calls."""
     catalog = pending_catalog(folder, files)
-    index = VectorIndex(HnswParams(EMBEDDING_DIM), folder / "index")
+    index = VectorIndex(HnswParams(model.embedding_dim), folder / "index")
     timed = TimedEncoder(model)
     job = EmbeddingJob(catalog, index, storage, load_model=lambda: timed, decode=decode_stored_image,
                        batch_size=batch, decode_workers=workers, max_seconds=3600)

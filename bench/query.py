@@ -37,7 +37,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as F
 
 from bench import dicom_client
 from dicom_node.handlers import NO_DELAY
-from indexer.populate import synthetic_uid
+from bench.populate import synthetic_uid
 from indexer.vector_index import VectorIndex
 from tests.helpers import free_port, port_open
 
@@ -187,13 +187,13 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
     from indexer.catalog import Catalog
     from indexer.vector_index import HnswParams
     from models.calibration import load_calibration
-    from models.observations import EMBEDDING_DIM
+    from models.bundle_manifest import embedding_dim
 
     settings = load_settings(config)
     calibration = load_calibration(model_directory(settings))
     catalog = Catalog(settings.catalog_url)
-    index = VectorIndex.open(HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction,
-                                        settings.index.ef_search), settings.node.data_dir / "index", catalog)
+    index = VectorIndex.open(HnswParams.from_settings(embedding_dim(model_directory(settings)), settings.index),
+                             settings.node.data_dir / "index", catalog)
     stages: dict[str, list[float]] = {"hnsw_search": [], "find_similar": [], "study_values": [], "identifiers": []}
     for row in picks:
         request = similar_query(synthetic_uid(row + 1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import random
 import shutil
 import tempfile
@@ -63,7 +62,6 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--screenshot", type=Path)
     args = parser.parse_args()
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a busy embedding job's skipped runs are expected
     with tempfile.TemporaryDirectory(prefix="bench-page-") as work:
         folder = Path(work)
         settings = settings_from_mapping({

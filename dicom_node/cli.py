@@ -3,37 +3,37 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import logging
-import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from types import ModuleType
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from config import ConfigError, load_settings
 
-# Sub-commands that live in other packages: each module has add_arguments(parser) and run(args) -> int.
-DELEGATED = {
-    "label": ("models.commands.label", "label report texts (JSONL) with the 14 CheXpert observations"),
-    "manifest": ("models.commands.manifest", "build a training manifest (CSV) from public dataset layouts"),
-    "train": ("models.commands.train", "train an MMDL model from a manifest"),
-    "calibrate": ("models.commands.calibrate", "fit calibrated findings and the match probability into a model"),
-    "evaluate": ("models.commands.evaluate", "evaluate retrieval (mAP@k, per-class AP, Acc-k) on a manifest"),
-    "bench": ("indexer.populate", "benchmark tools: populate a data dir with synthetic studies"),
-}
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]  # the exit code
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `mmdl-node` command: its help line, and ``load``, which gives the function that adds its arguments
+    and the one that runs it. Only the command being run is loaded: the models' commands import torch, which
+    `status` and `backfill` need not wait for."""
+
+    help: str
+    load: Callable[[], tuple[AddArguments, Run]]
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # torch (imported later, with the model) otherwise lets its idle OpenMP threads spin; beside the
-    # node's other threads that halved the embedding rate and doubled freshness p99 (docs/BENCHMARKS.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from dicom_node.logsetup import configure_logging
-    from dicom_node.server import Node
+    from dicom_node.server import Node  # torch-free: the node sets OMP_WAIT_POLICY before torch loads (process.py)
 
     settings = load_settings(args.config)
-    configure_logging(settings.logging)
     node = Node(settings)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -49,6 +49,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="config_command", required=True)
+    check = commands.add_parser("check", help="validate a configuration file without starting")
+    check.add_argument("file")
+
+
 def _config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     print(f"{args.file}: valid ({settings.node.ae_title}/{settings.node.similar_ae_title} on port "
@@ -57,17 +63,17 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dicom_node.status_command import status_lines
+    from dicom_node.status_command import node_status
 
-    lines = status_lines(load_settings(args.config))
-    print("\n".join(lines))
-    return 0 if "health: ok" in lines[1] else 1
+    status = node_status(load_settings(args.config))
+    print("\n".join(status.lines))
+    return 0 if status.healthy else 1
 
 
 def _backfill(args: argparse.Namespace) -> int:
     import time
 
-    from dicom_node.logsetup import configure_logging
+    from dicom_node.process import configure_logging
     from indexer.backfill import Filters, Progress, make_source, run_backfill
     from indexer.catalog import Catalog
 
@@ -101,52 +107,78 @@ def _date(value: str) -> str:
     return value
 
 
-def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
-    """The parser; a delegated module (they import torch) is imported only when ``command`` is it, or is None."""
+def _backfill_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_option(parser)
+    parser.add_argument("--from", dest="date_from", type=_date, help="first study date, YYYYMMDD")
+    parser.add_argument("--to", dest="date_to", type=_date, help="last study date, YYYYMMDD")
+    parser.add_argument("--modality", action="append",
+                        help="only studies with this modality (repeatable; default: backfill.modalities)")
+
+
+def _label() -> tuple[AddArguments, Run]:
+    from models.commands import label
+    return label.add_arguments, label.run
+
+
+def _manifest() -> tuple[AddArguments, Run]:
+    from models.commands import manifest
+    return manifest.add_arguments, manifest.run
+
+
+def _train() -> tuple[AddArguments, Run]:
+    from models.commands import train
+    return train.add_arguments, train.run
+
+
+def _calibrate() -> tuple[AddArguments, Run]:
+    from models.commands import calibrate
+    return calibrate.add_arguments, calibrate.run
+
+
+def _evaluate() -> tuple[AddArguments, Run]:
+    from models.commands import evaluate
+    return evaluate.add_arguments, evaluate.run
+
+
+def _bench() -> tuple[AddArguments, Run]:
+    from bench import populate
+    return populate.add_arguments, populate.run
+
+
+COMMANDS = {
+    "serve": Command("run the node", lambda: (_config_option, _serve)),
+    "status": Command("health and metrics at a glance (from the running node, or its catalog)",
+                      lambda: (_config_option, _status)),
+    "backfill": Command("have the PACS send the studies it already holds ([backfill])",
+                        lambda: (_backfill_arguments, _backfill)),
+    "config": Command("configuration tools", lambda: (_config_arguments, _config_check)),
+    "label": Command("label report texts (JSONL) with the 14 CheXpert observations", _label),
+    "manifest": Command("build a training manifest (CSV) from public dataset layouts", _manifest),
+    "train": Command("train an MMDL model from a manifest", _train),
+    "calibrate": Command("fit calibrated findings and the match probability into a model", _calibrate),
+    "evaluate": Command("evaluate retrieval (mAP@k, per-class AP, Acc-k) on a manifest", _evaluate),
+    "bench": Command("benchmark tools: populate a data dir with synthetic studies", _bench),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser: every command listed, the arguments of ``command`` (the one being run) only."""
     parser = argparse.ArgumentParser(prog="mmdl-node", description="MMDL similar-case DICOM node")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the node")
-    serve.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
-    serve.set_defaults(func=_serve)
-
-    status = commands.add_parser("status", help="health and metrics at a glance (from the running node, or its catalog)")
-    status.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
-    status.set_defaults(func=_status)
-
-    backfill = commands.add_parser("backfill", help="have the PACS send the studies it already holds ([backfill])")
-    backfill.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
-    backfill.add_argument("--from", dest="date_from", type=_date, help="first study date, YYYYMMDD")
-    backfill.add_argument("--to", dest="date_to", type=_date, help="last study date, YYYYMMDD")
-    backfill.add_argument("--modality", action="append",
-                          help="only studies with this modality (repeatable; default: backfill.modalities)")
-    backfill.set_defaults(func=_backfill)
-
-    config = commands.add_parser("config", help="configuration tools")
-    config_commands = config.add_subparsers(dest="config_command", required=True)
-    check = config_commands.add_parser("check", help="validate a configuration file without starting")
-    check.add_argument("file")
-    check.set_defaults(func=_config_check)
-
-    modules: dict[str, ModuleType] = {}
-    for name, (module_name, help_text) in DELEGATED.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        if command not in (None, name):
-            continue  # listed in the help, not imported: `status` and `backfill` start in a second, not twenty
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
-        modules[name] = module
-    return parser, modules
+    for name, entry in COMMANDS.items():
+        sub = commands.add_parser(name, help=entry.help, description=entry.help)
+        if name == command:
+            add_arguments, run = entry.load()
+            add_arguments(sub)
+            sub.set_defaults(run=run)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    command = next((word for word in words if not word.startswith("-")), None)
-    parser, _ = build_parser(command if command in {"serve", "status", "backfill", "config"} else None)
-    args = parser.parse_args(words)
+    args = build_parser(next((word for word in words if not word.startswith("-")), None)).parse_args(words)
     try:
-        return int(args.func(args))
+        return int(args.run(args))
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2

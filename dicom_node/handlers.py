@@ -1,8 +1,8 @@
 """pynetdicom event handlers: thin functions that get their dependencies as arguments (House style).
 
-Each handler answers with a DICOM status: the errors of a request (NodeError and its kinds, an unreadable
-C-STORE dataset too) become the status that names them here; a readable dataset's C-STORE status comes from
-the Ingestor, which decides what a received dataset gets. Any other exception is pynetdicom's to answer.
+A query or retrieve the node refuses is answered with the status its error carries (``NodeError.status``); a
+C-STORE with the status the Ingestor gives, CANNOT_UNDERSTAND when the dataset cannot be read. Any other exception
+is pynetdicom's to answer.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from dicom_node.retrieve import (
     retrieve_keys,
     send,
 )
-from dicom_node.similar import NotIndexedError, UnknownStudyError, sheet_requested, similar_responses
+from dicom_node.similar import sheet_requested, similar_responses
 from dicom_node.sop_classes import VERIFICATION
 from dicom_node.status import REJECT_CALLED_AET, REJECT_CALLING_AET, REJECT_NO_RESOURCES, Status
 from dicom_node.storage import FileStore
@@ -223,14 +223,11 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
         answers = similar_responses(services.catalog, services.index, event.identifier,
                                     services.settings.query, retrieve_ae, services.calibration)
     except NodeError as error:
-        code = (Status.UNKNOWN_STUDY if isinstance(error, UnknownStudyError)
-                else Status.STUDY_NOT_INDEXED if isinstance(error, NotIndexedError)
-                else Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS)
-        services.metrics.failed(f"similar_{code.name.lower()}")
+        services.metrics.failed(f"similar_{error.status.name.lower()}")
         # The reasons name UIDs and option values, never patient data (UnknownStudyError omits accession numbers).
         LOG.warning("similar-case query from %s to %s refused with 0x%04X: %s", calling_ae(event), called_ae(event),
-                    code, error)
-        yield status(code, str(error)), None
+                    error.status, error)
+        yield status(error.status, str(error)), None
         return
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
     if wants_sheet and answers and services.sheets is not None:
@@ -247,7 +244,7 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
     try:
         level = query_level(request)
     except NodeError as error:
-        yield status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+        yield status(error.status, str(error)), None
         return
     count = 0
     retrieve_ae = called_ae(event)
@@ -269,7 +266,7 @@ def _instances(event: Event, services: Services) -> list[Stored]:
 def _refuse_retrieve(event: Event, services: Services, operation: str, error: NodeError) -> Answer:
     LOG.warning("%s from %s refused: %s", operation, calling_ae(event), error)
     services.metrics.failed(f"{operation.lower().replace('-', '_')}_identifier")
-    return status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(error)), None
+    return status(error.status, str(error)), None
 
 
 def handle_move(event: Event, services: Services) -> Iterator[Any]:

@@ -12,7 +12,6 @@ import re
 import socket
 import socketserver
 import ssl
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ import hl7
 from config.settings import Hl7Settings
 from dicom_node.errors import NodeError
 from dicom_node.handlers import host_addresses
+from dicom_node.server_thread import ServerThread
 from dicom_node.storage import check_uid
 from indexer.catalog import Catalog, ReportAttrs
 
@@ -309,8 +309,10 @@ class MllpServer(socketserver.ThreadingTCPServer):
         return False
 
 
-class Hl7Listener:
-    """Starts and stops the MLLP server in a thread; ``ssl_context`` (from ``hl7.tls``) makes it MLLP over TLS."""
+class Hl7Listener(ServerThread):
+    """The MLLP server, served from a thread; ``ssl_context`` (from ``hl7.tls``) makes it MLLP over TLS."""
+
+    server: MllpServer
 
     def __init__(self, settings: Hl7Settings, catalog: Catalog, timeout_s: float,
                  count: Callable[[str], None] = lambda code: None, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -319,19 +321,9 @@ class Hl7Listener:
             count(code)
             return ack
 
-        self.server = MllpServer((settings.host, settings.port), answer, settings.max_message_kb * 1024, timeout_s,
-                                 SourceFilter(settings.allowed_hosts), ssl_context)
-        self._thread = threading.Thread(target=self.server.serve_forever, name="mllp", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
+        super().__init__(MllpServer((settings.host, settings.port), answer, settings.max_message_kb * 1024, timeout_s,
+                                    SourceFilter(settings.allowed_hosts), ssl_context), "mllp")
 
     def start(self) -> None:
-        self._thread.start()
-        LOG.info("HL7 MLLP listener on %s port %d%s", self.server.server_address[0], self.port,
-                 " (TLS)" if self.server.ssl_context else "")
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().start()
+        LOG.info("HL7 MLLP listener on %s port %d%s", self.host, self.port, " (TLS)" if self.server.ssl_context else "")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from config.settings import MetricsSettings
+from dicom_node.server_thread import ServerThread
 from indexer.catalog import Catalog
 from indexer.embedding import RoundStats
 
@@ -88,7 +88,7 @@ def health(dicom_up: Callable[[], bool], catalog: Catalog) -> tuple[int, dict[st
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: MetricsServer
+    server: _MetricsHttpServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         if self.path == "/health":
@@ -110,26 +110,23 @@ class _Handler(BaseHTTPRequestHandler):
         LOG.debug("metrics http: " + format, *args)
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """/health and /metrics on their own port, served from a thread."""
-
+class _MetricsHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry,
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
                  health: Callable[[], tuple[int, dict[str, Any]]]) -> None:
         self.registry = registry
         self.health = health
-        super().__init__((settings.host, settings.port), _Handler)
-        self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+        super().__init__(address, _Handler)
 
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
+
+class MetricsServer(ServerThread):
+    """/health and /metrics on their own port, served from a thread."""
+
+    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry,
+                 health: Callable[[], tuple[int, dict[str, Any]]]) -> None:
+        super().__init__(_MetricsHttpServer((settings.host, settings.port), registry, health), "metrics-http")
 
     def start(self) -> None:
-        self._thread.start()
-        LOG.info("health and metrics on http://%s:%d/", self.server_address[0], self.port)
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().start()
+        LOG.info("health and metrics on http://%s:%d/", self.host, self.port)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 import ssl
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import Settings, TlsSettings
@@ -28,6 +27,7 @@ from dicom_node.handlers import (
 from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import CatalogCollector, Metrics, MetricsServer, health
+from dicom_node.process import configure_process
 from dicom_node.retrieve import HeldSyntaxes
 from dicom_node.reference_sheet import ReferenceSheets
 from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
@@ -41,16 +41,14 @@ from indexer.catalog import Catalog
 from indexer.embedding import EmbeddingJob, Encoder
 from indexer.scheduler import JobScheduler
 from indexer.vector_index import HnswParams, VectorIndex
+from models.bundle_manifest import DEFAULT_MODEL_DIR, embedding_dim
 from models.calibration import load_calibration
-from models.observations import EMBEDDING_DIM
 
 LOG = logging.getLogger(__name__)
 
 
 def model_directory(settings: Settings) -> Path:
-    """The MMDL model directory the settings name (the shipped one by default); imports torch only here."""
-    from models.bundle import DEFAULT_MODEL_DIR
-
+    """The MMDL model directory the settings name (the shipped one by default)."""
     return settings.model.path or DEFAULT_MODEL_DIR
 
 
@@ -98,19 +96,33 @@ def build_ae(settings: Settings) -> AE:
 
 
 class Node:
-    """Owns every part of a running node; ``start`` serves, ``stop`` shuts down cleanly."""
+    """Owns every part of a running node; ``start`` serves, ``stop`` shuts down cleanly.
+
+    Made, it sets the process-wide switches it needs (``dicom_node.process``), before it logs anything or
+    loads torch; ``stop`` puts them back.
+    """
 
     def __init__(self, settings: Settings, load_model: Callable[[], Encoder] | None = None) -> None:
         self.settings = settings
         data_dir = settings.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = FileStore(data_dir / "storage", min_free_bytes=settings.node.min_free_disk_mb * 2**20)
+        self._process = configure_process(settings, self.store.incoming)
+        try:
+            self._open(load_model)
+        except BaseException:
+            self._process.restore()
+            raise
+
+    def _open(self, load_model: Callable[[], Encoder] | None) -> None:
+        settings = self.settings
+        data_dir = settings.node.data_dir
         removed = self.store.remove_temporaries()
         if removed:
             LOG.warning("removed %d partial files left by an interrupted receive", removed)
         self.catalog = Catalog(settings.catalog_url)
         self.renderer = Renderer(self.store, data_dir / "thumbnails")  # pictures of stored images, for people
-        params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
+        params = HnswParams.from_settings(embedding_dim(model_directory(settings)), settings.index)
         self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
         self._snapshot_seq = self.index.seq
         self.metrics = Metrics()
@@ -138,7 +150,6 @@ class Node:
         self.watchdog = AssociationWatchdog(settings.node.message_timeout_s)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
-        self._tempdir: str | None = None
         self.hl7: Hl7Listener | None = None
         self.http: MetricsServer | None = None
         self.web: WebServer | None = None
@@ -172,10 +183,6 @@ class Node:
             *self.watchdog.handlers(),
         ]
         node = self.settings.node
-        # Received datasets are written to a file as their fragments arrive (never whole in memory), in the
-        # store's incoming folder: PHI stays in the data dir, and keeping an instance is a rename.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        self._tempdir, tempfile.tempdir = tempfile.tempdir, str(self.store.incoming)
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
         if self.settings.hl7.enabled:
@@ -231,7 +238,6 @@ class Node:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
-                tempfile.tempdir = self._tempdir
             for listener in (self.hl7, self.http, self.web):
                 if listener is not None:
                     listener.stop()
@@ -242,3 +248,4 @@ class Node:
             self.snapshot()
             self.catalog.close()
             LOG.info("node stopped")
+            self._process.restore()

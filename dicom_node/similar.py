@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from config.settings import QuerySettings
 from dicom_node.errors import NodeError
 from dicom_node.identifiers import response
+from dicom_node.status import Status
 from indexer.catalog import Catalog, from_blob
 from indexer.schema import Study
 from indexer.vector_index import VectorIndex
@@ -40,11 +41,15 @@ MATCH_PROBABILITY, FINDING_PROBABILITIES = 0x16, 0x17
 class UnknownStudyError(NodeError):
     """No study held under the query's key; the message names a UID, never an accession number (it is logged)."""
 
+    status = Status.UNKNOWN_STUDY
+
     def __init__(self, study_uid: str) -> None:
         super().__init__(f"unknown study: {study_uid}" if study_uid else "no study held with this AccessionNumber")
 
 
 class NotIndexedError(NodeError):
+    status = Status.STUDY_NOT_INDEXED
+
     def __init__(self, study_uid: str) -> None:
         super().__init__(f"study not indexed yet, retry shortly: {study_uid}")
 

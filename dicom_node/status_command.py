@@ -5,11 +5,17 @@ import json
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from typing import NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings
 from indexer.catalog import Catalog
+
+
+class NodeStatus(NamedTuple):
+    healthy: bool  # the running node answered that it is healthy
+    lines: list[str]  # what `mmdl-node status` prints
 
 
 def _base_url(settings: Settings) -> str:
@@ -34,7 +40,7 @@ def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return samples
 
 
-def _live(settings: Settings) -> list[str]:
+def _live(settings: Settings) -> NodeStatus:
     url = _base_url(settings)
     code, body = _fetch(f"{url}/health")
     checks = json.loads(body)
@@ -62,10 +68,10 @@ def _live(settings: Settings) -> list[str]:
             lines.append(f"{kind} queries: {int(count)}, mean {mean_ms:.1f} ms")
     for labels, count in samples.get("mmdl_failures_total", []):
         lines.append(f"failures {labels['reason']}: {int(count)}")
-    return lines
+    return NodeStatus(checks["status"] == "ok", lines)
 
 
-def _from_catalog(settings: Settings, why: str) -> list[str]:
+def _from_catalog(settings: Settings, why: str) -> NodeStatus:
     catalog = Catalog(settings.catalog_url)
     try:
         lines = [f"source: catalog {settings.catalog_url} (node not reachable: {why})",
@@ -77,13 +83,14 @@ def _from_catalog(settings: Settings, why: str) -> list[str]:
                      f"pending; {catalog.held_report_count()} reports waiting for their study")
         lines.append("items: " + ", ".join(f"{key} {n}" for key, n in sorted(counts.items())))
         lines.append(f"index: {catalog.study_vector_count()} studies with a vector")
-        return lines
+        return NodeStatus(False, lines)
     finally:
         catalog.close()
 
 
-def status_lines(settings: Settings) -> list[str]:
-    """What `mmdl-node status` prints; says whether it came from the running node or from the catalog."""
+def node_status(settings: Settings) -> NodeStatus:
+    """What `mmdl-node status` prints, which says whether it came from the running node or from the catalog,
+    and whether the running node is healthy (never, when it is not reachable)."""
     if not settings.metrics.enabled:
         return _from_catalog(settings, "metrics.enabled is false")
     try:

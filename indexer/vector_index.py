@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hnswlib
 import numpy as np
@@ -24,6 +25,9 @@ import numpy as np
 from indexer.catalog import Catalog
 from indexer.durable import fsync_directory
 from indexer.errors import IndexerError
+
+if TYPE_CHECKING:
+    from config.settings import IndexSettings
 
 LOG = logging.getLogger(__name__)
 POINTER = "current.json"
@@ -65,6 +69,10 @@ class HnswParams:
     ef_construction: int = 200
     ef_search: int = 128
 
+    @classmethod
+    def from_settings(cls, dim: int, settings: IndexSettings) -> HnswParams:
+        """The parameters the ``[index]`` settings name, for vectors of ``dim`` dimensions."""
+        return cls(dim, settings.m, settings.ef_construction, settings.ef_search)
 
 
 class VectorIndex:

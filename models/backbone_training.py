@@ -1,10 +1,8 @@
-"""Fine-tuning the DenseNet121 backbone on images alone, and extracting its 1024-d features.
+"""Fine-tuning the DenseNet121 backbone on images alone (training only; its features: ``models.backbone``).
 
 Training is the paper's "Image D121" baseline: multi-label BCE over the 14 observations through a
 linear classifier on the pooled features, plus (optionally) the image triplet loss of
-``models.mmdl``. ``extract_features`` is the one way features are computed, for training the
-heads, for evaluation and at inference; ``prepare_image`` and ``prepared_features`` are its two
-halves, for a pipeline that prepares the next images while the backbone runs.
+``models.mmdl``.
 """
 from __future__ import annotations
 
@@ -24,92 +22,8 @@ from models.errors import ModelError
 from models.imaging import Preprocessing, to_model_input
 from models.mmdl import multilabel_triplet_loss
 from models.observations import NUM_OBSERVATIONS
-from models.scda import crop, scda_box
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """One image made ready for the backbone, work that can run beside the model (``prepare_image``).
-
-    ``tensor`` is its normalised (channels, size, size) input, exactly the row ``to_model_input`` gives
-    it in any batch; ``image`` is the 2-D original, kept only when SCDA will crop it after a first pass.
-    """
-
-    tensor: torch.Tensor
-    image: np.ndarray | None = None
-
-
-def prepare_image(image: np.ndarray, preprocessing: Preprocessing, *, scda: bool) -> PreparedImage:
-    """Resize and normalise one 2-D [0, 1] image (ModelError if it is not one); keeps it for SCDA."""
-    return PreparedImage(to_model_input([image], preprocessing)[0], np.asarray(image) if scda else None)
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: DenseNetBackbone,
-    images: Sequence[np.ndarray],
-    preprocessing: Preprocessing,
-    *,
-    scda: bool,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-) -> np.ndarray:
-    """(n, 1024) float32 average-pooled backbone features of 2-D [0, 1] images.
-
-    With ``scda`` the image is first run whole to find its SCDA box (models.scda), and the
-    features are those of that crop. ``device`` moves the backbone there (None: where it is).
-    The backbone is used in eval mode and left in the mode it came in.
-    """
-    if batch_size < 1:
-        raise ModelError(f"batch_size must be positive, got {batch_size}")
-    features = np.zeros((len(images), FEATURE_DIM), dtype=np.float32)
-    for start in range(0, len(images), batch_size):  # prepared a batch at a time: bounded memory
-        batch = [prepare_image(image, preprocessing, scda=scda) for image in images[start : start + batch_size]]
-        features[start : start + len(batch)] = prepared_features(
-            backbone, batch, preprocessing, scda=scda, batch_size=batch_size, device=device
-        )
-    return features
-
-
-@torch.no_grad()
-def prepared_features(
-    backbone: DenseNetBackbone,
-    prepared: Sequence[PreparedImage],
-    preprocessing: Preprocessing,
-    *,
-    scda: bool,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-) -> np.ndarray:
-    """``extract_features`` of images already made ready by ``prepare_image`` (same numbers).
-
-    Only the backbone's passes (and, with ``scda``, the box and the crop between them) run here,
-    so a caller can prepare the next batch in other threads meanwhile.
-    """
-    if batch_size < 1:
-        raise ModelError(f"batch_size must be positive, got {batch_size}")
-    if scda and any(p.image is None for p in prepared):
-        raise ModelError("SCDA needs the original images: prepare them with scda=True")
-    if device is not None:
-        backbone.to(device)
-    target = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    features = np.zeros((len(prepared), FEATURE_DIM), dtype=np.float32)
-    try:
-        for start in range(0, len(prepared), batch_size):
-            batch = prepared[start : start + batch_size]
-            inputs = torch.stack([p.tensor for p in batch]).to(target)
-            if scda:
-                maps = backbone.feature_maps(inputs).cpu().numpy()
-                crops = [crop(p.image, scda_box(m, np.shape(p.image))) for p, m in zip(batch, maps)]
-                inputs = to_model_input(crops, preprocessing).to(target)
-            features[start : start + len(batch)] = backbone(inputs).cpu().numpy()
-    finally:
-        backbone.train(was_training)
-    return features
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.backbone import DenseNetBackbone
-from models.backbone_training import PreparedImage, extract_features, prepare_image, prepared_features
+from models.backbone import DenseNetBackbone, PreparedImage, extract_features, prepare_image, prepared_features
+from models.bundle_manifest import MANIFEST, read_manifest
 from models.calibration import Calibration
 from models.errors import ModelError
 from models.imaging import Preprocessing
@@ -39,10 +39,8 @@ from models.text import ReportEncoder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "mmdl_default"
 FORMAT = "mmdl-bundle"
 FORMAT_VERSION = 1
-MANIFEST = "model.json"
 WEIGHTS = "weights.pt"
 DOC2VEC = "doc2vec.model"
 METRICS = "metrics.json"
@@ -286,11 +284,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise ModelError(f"model directory not found: {directory}")
     if not path.is_file():
         raise ModelError(f"{directory} is not an MMDL model directory: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_manifest(directory)
+    if manifest.get("format") != FORMAT:
         raise ModelError(f"{path} is not an {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version")

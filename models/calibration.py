@@ -15,7 +15,6 @@ Torch-free: ``dicom_node`` imports it.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from models.bundle_manifest import read_manifest
 from models.errors import ModelError
 from models.observations import OBSERVATIONS
 
@@ -115,11 +115,7 @@ class Calibration:
 
 def load_calibration(model_dir: str | Path) -> Calibration | None:
     """The calibration stored in a model directory's model.json, or None when it has none."""
-    path = Path(model_dir) / "model.json"
-    try:
-        record = json.loads(path.read_text()).get("calibration")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from exc
+    record = read_manifest(model_dir).get("calibration")
     return None if record is None else Calibration.from_dict(record)
 
 

@@ -1,6 +1,6 @@
 """Retrieval evaluation of MMDL against the paper's baselines, on a held-out patient split.
 
-Every labelled test image queries all the other test images (METHOD.md metrics, ``models.metrics``).
+Every labelled test image queries all the other test images (the MMDL paper's metrics, ``models.metrics``).
 Methods, side by side:
 
 - ``Random``: random embeddings and label scores (the floor);

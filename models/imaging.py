@@ -12,12 +12,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -25,6 +23,9 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from models.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class Preprocessing:
 
 def to_model_input(images: Sequence[np.ndarray], preprocessing: Preprocessing) -> torch.Tensor:
     """Stack 2-D [0, 1] images into a normalised (n, channels, size, size) float32 CPU tensor."""
+    import torch  # here, not above: the node decodes and renders images without loading torch
+    from torch.nn import functional as F
+
     if len(images) == 0:
         raise ModelError("no images to preprocess")
     size = preprocessing.size

@@ -1,4 +1,5 @@
-"""Retrieval and label metrics exactly as METHOD.md defines them (Yu et al., MICCAI 2021).
+"""Retrieval and label metrics as the MMDL paper defines them ("Multimodal Multitask Deep Learning for X-Ray
+Image Retrieval", Yu et al., MICCAI 2021).
 
 Public API (stable; used by the evaluation command):
 
@@ -157,7 +158,7 @@ def retrieval_report(
     names: Sequence[str] = OBSERVATIONS,
     groups: Sequence[str] | None = None,
 ) -> dict[str, float | dict[str, float | None]]:
-    """All METHOD.md metrics for one method: mAP@{1,5,10,20,all}, AP@10 per class, Acc-1/5.
+    """All of the paper's metrics for one method: mAP@{1,5,10,20,all}, AP@10 per class, Acc-1/5.
 
     With ``groups`` (each item's patient), a query's own patient's items are no candidates.
     """

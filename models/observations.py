@@ -45,7 +45,3 @@ class Sample:
             raise ValueError(
                 f"sample {self.study_id!r}: labels must have {NUM_OBSERVATIONS} entries, got {len(self.labels)}"
             )
-
-# Size of the common image/report space (the last layer of the MMDL heads); the vector index uses it
-# without importing torch.
-EMBEDDING_DIM = 512

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.backbone import DenseNetBackbone, load_backbone_checkpoint
-from models.backbone_training import BackboneTrainingConfig, extract_features, train_backbone
+from models.backbone import DenseNetBackbone, extract_features, load_backbone_checkpoint
+from models.backbone_training import BackboneTrainingConfig, train_backbone
 from models.bundle import MMDLModel, resolve_device, round_to_stored_precision
 from models.datasets import split_by_patient
 from models.errors import ModelError

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
+from models.bundle import MMDLModel
+from models.bundle_manifest import DEFAULT_MODEL_DIR
 from models.metrics import retrieval_report
 from models.datasets import read_manifest, split_by_patient
 from models.study_sets import head_config, held_out_split, retrain_heads, study_set

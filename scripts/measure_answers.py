@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
+from models.bundle import MMDLModel
+from models.bundle_manifest import DEFAULT_MODEL_DIR
 from models.calibration import Calibration, expected_calibration_error
 from models.datasets import read_manifest
 from models.observations import OBSERVATIONS

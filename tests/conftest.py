@@ -43,7 +43,8 @@ def calibrated_model_dir(random_model_dir: Path, tmp_path_factory: pytest.TempPa
     import json
     import shutil
 
-    from models.bundle import MANIFEST, update_manifest
+    from models.bundle import update_manifest
+    from models.bundle_manifest import MANIFEST
     from models.calibration import Calibration, FindingCalibration
     from models.observations import OBSERVATIONS
 

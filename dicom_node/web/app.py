@@ -24,10 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from config.settings import WebSettings
 from dicom_node.errors import NodeError
 from dicom_node.handlers import Services
-from dicom_node.reference_sheet import SheetError, SheetsDisabledError
-from dicom_node.similar import NotIndexedError, UnknownStudyError
+from dicom_node.reference_sheet import SheetsDisabledError
 from dicom_node.storage import check_uid
 from dicom_node.web import dicomweb
+from dicom_node.web.errors import http_error
 from dicom_node.web.render import Renderer
 from dicom_node.web.similar_page import find_answer, similar_request
 from models.errors import ModelError
@@ -59,19 +59,6 @@ def _error(request: Request, status: int, title: str, message: str) -> Response:
     return HTMLResponse(page, status, headers=PAGE_HEADERS)
 
 
-def _status_of(error: NodeError) -> tuple[int, str]:
-    """The HTTP status and title of an error of the similar-case search (the one place they are mapped)."""
-    if isinstance(error, UnknownStudyError):
-        return 404, "Unknown study"
-    if isinstance(error, NotIndexedError):
-        return 409, "Study not indexed yet"
-    if isinstance(error, SheetsDisabledError):
-        return 403, "Reference sheets disabled"
-    if isinstance(error, SheetError):
-        return 422, "No reference sheet"
-    return 400, "Bad request"
-
-
 class Pages:
     """The route handlers; plain functions, so Starlette runs them in its thread pool (catalog, files)."""
 
@@ -92,9 +79,9 @@ class Pages:
             answer = find_answer(self.services, identifier,
                                  lambda sop_uid: str(request.url_for("thumbnail", sop_uid=sop_uid).path))
         except NodeError as error:
-            status, title = _status_of(error)
-            LOG.info("similar page: %d %s", status, title)
-            return _error(request, status, title, str(error))
+            answer = http_error(error)
+            LOG.info("similar page: %d %s", answer.status, answer.title)
+            return _error(request, answer.status, answer.title, str(error))
         LOG.info("similar page: study %s, %d similar", answer.query.case.study_uid, len(answer.similar))
         if _wants_json(request):
             return JSONResponse(asdict(answer), headers={"Cache-Control": "no-store"})
@@ -134,9 +121,9 @@ class Pages:
                 raise SheetsDisabledError()
             result = sheets.create(check_uid(study_uid, "StudyInstanceUID"))
         except NodeError as error:
-            status, title = _status_of(error)
-            LOG.info("reference sheet request: %d %s", status, title)
-            return JSONResponse({"error": title, "detail": str(error)}, status)
+            answer = http_error(error)
+            LOG.info("reference sheet request: %d %s", answer.status, answer.title)
+            return JSONResponse({"error": answer.title, "detail": str(error)}, answer.status)
         return JSONResponse(asdict(result), 201)
 
 

@@ -41,13 +41,12 @@ from dicom_node.similar import (
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
     TOP_K,
-    NotIndexedError,
-    UnknownStudyError,
     similar_responses,
 )
 from dicom_node.sop_classes import IMAGE_STORAGE
 from dicom_node.storage import check_uid
 from dicom_node.web import instances
+from dicom_node.web.errors import http_error
 from dicom_node.web.media import (
     ANY_SYNTAX,
     OCTET_STREAM,
@@ -87,12 +86,11 @@ SIMILAR_KEYS = ("StudyInstanceUID", "AccessionNumber")
 
 
 class DicomWebError(Exception):
-    """An answer other than 200, with the reason a client sees."""
+    """An answer other than 200, with the reason a client sees (the node's own errors: ``web.errors``)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-        self.headers = headers or {}
 
 
 def _not_found(what: str) -> DicomWebError:
@@ -265,13 +263,8 @@ class DicomWeb:
                 query.warnings.append(f"at most {defaults.max_top_k} similar studies are answered")
             block = query.identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
             block.add_new(TOP_K, "IS", str(max(1, min(wanted, defaults.max_top_k))))
-        try:
-            answers = similar_responses(self.services.catalog, self.services.index, query.identifier, defaults,
-                                        self.services.settings.node.similar_ae_title, self.services.calibration)
-        except UnknownStudyError as error:
-            raise DicomWebError(404, str(error)) from None
-        except NotIndexedError as error:
-            raise DicomWebError(503, str(error), {"Retry-After": "1"}) from None
+        answers = similar_responses(self.services.catalog, self.services.index, query.identifier, defaults,
+                                    self.services.settings.node.similar_ae_title, self.services.calibration)
         root = _root(request).replace(SIMILAR_ROOT, ARCHIVE_ROOT)
         body = [_to_json(answer, root, "STUDY") for answer in answers[query.offset:]]
         LOG.info("DICOMweb similar-case search: %d answers", len(body))
@@ -327,10 +320,7 @@ class DicomWeb:
             raise DicomWebError(406, f"frames are offered as {frame_media_type(stored)} ({stored}) "
                                      f"or {OCTET_STREAM} ({ExplicitVRLittleEndian})")
         syntax = stored if native and UID(stored).is_compressed else ExplicitVRLittleEndian
-        try:
-            data = instances.frames(self.services.store.absolute(path), stored, numbers, native)
-        except instances.FrameError as error:
-            raise DicomWebError(404, str(error)) from None
+        data = instances.frames(self.services.store.absolute(path), stored, numbers, native)
         content_type, boundary = multipart_type(frame_media_type(syntax))
         parts = [Part(f"{frame_media_type(syntax)}; transfer-syntax={syntax}", body) for body in data]
         return Response(b"".join(multipart_body(parts, boundary)), media_type=content_type)
@@ -421,8 +411,10 @@ def _encode(picture: Any, media_type: str) -> bytes:
 
 def _error(request: Request, error: Exception) -> Response:
     if isinstance(error, DicomWebError):
-        return PlainTextResponse(str(error), status_code=error.status, headers=error.headers)
-    return PlainTextResponse(str(error), status_code=400)  # NodeError: input the node cannot accept
+        return PlainTextResponse(str(error), status_code=error.status)
+    assert isinstance(error, NodeError)
+    status = http_error(error).dicomweb
+    return PlainTextResponse(str(error), status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
 
 def _app(api: DicomWeb, studies: Callable[[Request], Response]) -> Starlette:

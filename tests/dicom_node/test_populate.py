@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from dicom_node.server import Node
 from dicom_node.status import Status
 from indexer.catalog import Catalog, InstanceAttrs, SeriesAttrs, StudyAttrs
-from indexer.populate import SYNTHETIC_ROOT, RealStudiesError, populate, synthetic_uid
+from bench.populate import SYNTHETIC_ROOT, RealStudiesError, populate, synthetic_uid
 from indexer.schema import Kind, Study
 from tests.dicom_node.conftest import node_settings
 

@@ -23,7 +23,7 @@ from dicom_node.similar import (
     PRIVATE_GROUP,
     SCORE,
 )
-from models.bundle import DEFAULT_MODEL_DIR
+from models.bundle_manifest import DEFAULT_MODEL_DIR
 from models.calibration import MAX_SHOWN, load_calibration
 from models.observations import OBSERVATIONS
 from tests.dicom_node.builders import basic_text_sr, dx_from_png, save

@@ -5,7 +5,7 @@ import numpy as np
 
 from dicom_node.similar import describe, match_probability, shown_findings
 from indexer.schema import Study
-from models.bundle import DEFAULT_MODEL_DIR
+from models.bundle_manifest import DEFAULT_MODEL_DIR
 from models.calibration import load_calibration
 from models.observations import OBSERVATIONS
 

@@ -19,7 +19,7 @@ from indexer.schema import Instance, Kind, State
 from indexer.vector_index import HnswParams, VectorIndex
 from models.bundle import MMDLModel
 from models.imaging import to_model_input
-from models.observations import EMBEDDING_DIM
+from models.mmdl import EMBEDDING_DIM
 from tests.dicom_node.builders import dx_synthetic
 
 BATCH = 4

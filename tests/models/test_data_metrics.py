@@ -1,8 +1,8 @@
 """Retrieval metrics: hand-worked examples, a plain-Python loop, and torchmetrics where definitions coincide.
 
 torchmetrics' ``RetrievalMAP(top_k=k)`` (installed version) divides by the number of relevant items
-in the top k, as METHOD.md does, and scores a query without relevant items 0 (``empty_target_action
-="neg"``), as METHOD.md does. It differs in two ways, handled below: it treats any item with a
+in the top k, as the MMDL paper does, and scores a query without relevant items 0 (``empty_target_action
+="neg"``), as the MMDL paper does. It differs in two ways, handled below: it treats any item with a
 score <= 0 as irrelevant (so cosine similarities are shifted to be positive before comparing), and
 it breaks ties by ``topk`` rather than by index (so the random test data has no ties).
 """
@@ -33,7 +33,7 @@ NAMES = ("A", "B", "C")
 
 
 def plain_ap_at_k(rel: list[bool], k: int | None) -> float:
-    """AP@k exactly as METHOD.md words it, one rank at a time."""
+    """AP@k exactly as the MMDL paper words it, one rank at a time."""
     top = rel if k is None else rel[:k]
     total, hits = 0.0, 0
     for i, r in enumerate(top, start=1):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.backbone import DenseNetBackbone, load_backbone_checkpoint
-from models.backbone_training import BackboneTrainingConfig, extract_features, train_backbone
+from models.backbone import DenseNetBackbone, extract_features, load_backbone_checkpoint
+from models.backbone_training import BackboneTrainingConfig, train_backbone
 from models.errors import ModelError
 from models.imaging import Preprocessing, to_model_input
 from models.observations import NUM_OBSERVATIONS

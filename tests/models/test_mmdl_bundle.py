@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from models.bundle import (
-    DEFAULT_MODEL_DIR,
-    MANIFEST,
     WEIGHTS,
     MMDLModel,
     create_random_model,
     resolve_device,
     update_manifest,
 )
+from models.bundle_manifest import DEFAULT_MODEL_DIR, MANIFEST
 from models.errors import ModelError
 from models.observations import OBSERVATIONS
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import DEFAULT_MODEL_DIR, MMDLModel
+from models.bundle import MMDLModel
+from models.bundle_manifest import DEFAULT_MODEL_DIR
 from models.calibration import MIN_POSITIVES
 from models.evaluate import MAIN_METHODS
 from models.imaging import load_image

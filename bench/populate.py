@@ -15,11 +15,13 @@ from sqlalchemy import func, insert, select
 
 from config import load_settings
 from config.settings import Settings
+from dicom_node.server import model_directory
 from indexer.catalog import Catalog, to_blob
 from indexer.errors import IndexerError
 from indexer.schema import Study
 from indexer.vector_index import HnswParams, VectorIndex
-from models.observations import EMBEDDING_DIM, OBSERVATIONS
+from models.bundle_manifest import embedding_dim
+from models.observations import OBSERVATIONS
 
 # 2.25.<UUID as an integer>: a root of our own for synthetic UIDs (UUID generated once for this purpose).
 SYNTHETIC_ROOT = "2.25.166302345186226097417846432612938617621"
@@ -53,6 +55,7 @@ def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0
     started = time.monotonic()
     data_dir = settings.node.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    params = HnswParams.from_settings(embedding_dim(model_directory(settings)), settings.index)
     catalog = Catalog(settings.catalog_url)
     try:
         with catalog.session() as session:
@@ -64,7 +67,7 @@ def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0
         rng = np.random.default_rng(seed + first)
         for start in range(0, count, CHUNK):
             n = min(CHUNK, count - start)
-            vectors = clustered_vectors(rng, n, EMBEDDING_DIM, clusters)
+            vectors = clustered_vectors(rng, n, params.dim, clusters)
             scores = rng.random((n, len(OBSERVATIONS)), dtype=np.float32)
             rows = []
             for i in range(n):
@@ -79,7 +82,6 @@ def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0
             with catalog.engine.begin() as connection:
                 connection.execute(insert(Study), rows)
         inserted = time.monotonic()
-        params = HnswParams(EMBEDDING_DIM, settings.index.m, settings.index.ef_construction, settings.index.ef_search)
         index = VectorIndex.open(params, data_dir / "index", catalog)
         indexed = time.monotonic()
         index.snapshot()
