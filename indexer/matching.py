@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Select, and_, select
+from sqlalchemy import Select, and_, select, true
 from sqlalchemy.orm import InstrumentedAttribute
 
 from indexer.schema import LEVELS, QUERY_KEYS, Instance, QueryKey, Series, Study
@@ -38,6 +38,8 @@ def _like(pattern: str) -> str:
 def _condition(key: QueryKey, attribute: InstrumentedAttribute[Any], value: str) -> Any:
     if key.kind == "uid":
         uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if not uids:  # separators only: no UID named, matched as a zero-length (universal) key
+            return true()
         return attribute.in_(uids) if len(uids) > 1 else attribute == uids[0]
     if key.kind in ("date", "time") and "-" in value:
         low, _, high = value.partition("-")

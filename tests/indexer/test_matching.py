@@ -75,6 +75,12 @@ def test_universal_single_value_and_uid_list(node: Node) -> None:
     assert studies(node, PatientID="P2", AccessionNumber="ACC1") == []  # every key must match
 
 
+def test_a_uid_list_of_separators_only_matches_as_a_universal_key(node: Node) -> None:
+    """Found by the C-FIND fuzz test: StudyInstanceUID '\\' named no UID and failed with 0xC311."""
+    for value in ("\\", "\\ \\"):
+        assert sorted(studies(node, StudyInstanceUID=value)) == sorted([STUDY_A, STUDY_B, STUDY_C])
+
+
 def test_wildcards_and_case(node: Node) -> None:
     """A single value matches exactly, case included; a wildcard goes through SQL LIKE, which SQLite applies
     without regard to ASCII case (PN values too: there is no PN-specific matching)."""
