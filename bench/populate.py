@@ -3,12 +3,14 @@
 The studies are clearly synthetic: ``Study.synthetic`` is true, their UIDs sit under SYNTHETIC_ROOT and
 their model version is "synthetic". A catalog that holds any real study is refused, so benchmark data
 never mixes with patients' studies. Vectors are clustered (unit cluster centres plus Gaussian noise),
-like real embeddings of similar studies, so that the index's recall is measured on a realistic shape.
+like real embeddings of similar studies, so that the index's recall is measured on a realistic shape; the
+centres are random, or real embeddings of the public sample radiographs (--centres).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, insert, select
@@ -34,22 +36,39 @@ class RealStudiesError(IndexerError):
         super().__init__(f"the catalog holds {count} real studies; synthetic studies go into a data dir of their own")
 
 
-def clustered_vectors(rng: np.random.Generator, count: int, dim: int, clusters: int, noise: float = 0.35) -> np.ndarray:
-    """``count`` unit vectors drawn around ``clusters`` random unit centres (float32)."""
+def random_centres(rng: np.random.Generator, clusters: int, dim: int) -> np.ndarray:
+    """``clusters`` random unit vectors (float32)."""
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    vectors = centres[rng.integers(0, clusters, count)]
-    vectors += rng.standard_normal((count, dim)).astype(np.float32) * (noise / np.sqrt(dim))
+    return centres
+
+
+def vectors_around(rng: np.random.Generator, centres: np.ndarray, count: int, noise: float) -> np.ndarray:
+    """``count`` unit vectors, each a random centre plus Gaussian noise of expected norm ``noise`` (float32)."""
+    vectors = centres[rng.integers(0, len(centres), count)].astype(np.float32)
+    vectors += rng.standard_normal(vectors.shape).astype(np.float32) * (noise / np.sqrt(centres.shape[1]))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors
+
+
+def neighbour_distance(centres: np.ndarray) -> float:
+    """The median distance from a centre to its nearest other centre (unit vectors)."""
+    similarity = centres @ centres.T
+    np.fill_diagonal(similarity, -1.0)
+    return float(np.median(np.sqrt(np.maximum(0.0, 2.0 - 2.0 * similarity.max(axis=1)))))
 
 
 def synthetic_uid(number: int) -> str:
     return f"{SYNTHETIC_ROOT}.{number}"
 
 
-def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Add ``count`` synthetic studies to the catalog and index of ``settings``; returns timings (s)."""
+def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0,
+             centres: np.ndarray | None = None) -> dict[str, float]:
+    """Add ``count`` synthetic studies to the catalog and index of ``settings``; returns timings (s).
+
+    Their vectors are drawn around ``clusters`` random unit centres with noise of norm 0.35, or, given
+    ``centres`` (real embeddings: bench.sample_embeddings), around those, with noise of norm their median
+    nearest-neighbour distance, so that copies of one embedding mix with its real neighbours."""
     if count < 1:
         raise IndexerError(f"count must be at least 1, got {count}")
     started = time.monotonic()
@@ -65,9 +84,16 @@ def populate(settings: Settings, count: int, clusters: int = 1000, seed: int = 0
             raise RealStudiesError(real)
         seq = catalog.max_index_seq() + 1
         rng = np.random.default_rng(seed + first)
+        if centres is None:
+            centres, noise = random_centres(rng, clusters, params.dim), 0.35
+        else:
+            centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+            noise = neighbour_distance(centres)
+        if centres.shape[1] != params.dim:
+            raise IndexerError(f"the centres have dimension {centres.shape[1]}, the model {params.dim}")
         for start in range(0, count, CHUNK):
             n = min(CHUNK, count - start)
-            vectors = clustered_vectors(rng, n, params.dim, clusters)
+            vectors = vectors_around(rng, centres, n, noise)
             scores = rng.random((n, len(OBSERVATIONS)), dtype=np.float32)
             rows = []
             for i in range(n):
@@ -97,13 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fill.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
     fill.add_argument("--count", type=int, required=True, help="how many synthetic studies to add")
     fill.add_argument("--clusters", type=int, default=1000, help="clusters the vectors are drawn around")
+    fill.add_argument("--centres", type=Path,
+                      help=".npy of real embeddings (python -m bench.sample_embeddings) to draw the studies around")
     fill.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
-        figures = populate(settings, args.count, args.clusters, args.seed)
+        centres = None if args.centres is None else np.load(args.centres)
+        figures = populate(settings, args.count, args.clusters, args.seed, centres)
     except IndexerError as error:
         print(error)
         return 1

@@ -223,10 +223,13 @@ def main() -> int:
     parser.add_argument("--ef-search", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
     parser.add_argument("--node-tree", type=Path, help="serve from this checkout of the node (before/after runs)")
+    parser.add_argument("--centres", type=Path,
+                        help="real embeddings (.npy, python -m bench.sample_embeddings) the studies are drawn around")
     args = parser.parse_args()
     args.work = args.work.resolve()
 
-    folder = args.work / f"query-{args.count}-m{args.m}-efc{args.ef_construction}"
+    vectors_from = "random" if args.centres is None else args.centres.stem
+    folder = args.work / f"query-{args.count}-m{args.m}-efc{args.ef_construction}-{vectors_from}"
     folder.mkdir(parents=True, exist_ok=True)
     port, web_port = free_port(), free_port()
     config = folder / f"node-ef{args.ef_search}.toml"
@@ -235,12 +238,14 @@ def main() -> int:
                       f'[index]\nm = {args.m}\nef_construction = {args.ef_construction}\nef_search = {args.ef_search}\n'
                       f'[logging]\nlevel = "WARNING"\n')
     figures: list[dict[str, object]] = []
-    base = {"machine": machine(), "count": args.count, "m": args.m, "ef_construction": args.ef_construction,
+    base = {"machine": machine(), "count": args.count, "vectors": vectors_from, "m": args.m,
+            "ef_construction": args.ef_construction,
             "ef_search": args.ef_search}
     if not (folder / "data" / "index" / "current.json").exists():
         start = time.monotonic()
+        centres = [] if args.centres is None else ["--centres", str(args.centres.resolve())]
         subprocess.run([sys.executable, "-m", "dicom_node.cli", "bench", "populate", "--config", str(config),
-                        "--count", str(args.count)], check=True)
+                        "--count", str(args.count), *centres], check=True)
         figures.append({**base, "figure": "populate_s", "value": round(time.monotonic() - start, 1), "load": load()})
 
     database = sqlite3.connect(folder / "data" / "catalog.sqlite3")
@@ -313,7 +318,7 @@ def main() -> int:
 
     for figure in figures:
         print(json.dumps(figure))
-    print(f"\n{machine()}; {args.count} studies, M={args.m}, ef_construction={args.ef_construction}, "
+    print(f"\n{machine()}; {args.count} studies ({vectors_from} centres), M={args.m}, ef_construction={args.ef_construction}, "
           f"ef_search={args.ef_search}\n")
     print("| figure | value | load (1/5/15 min) |\n| --- | --- | --- |")
     for f in figures:
