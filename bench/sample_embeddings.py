@@ -35,7 +35,7 @@ def sample_embeddings(folders: list[Path], model_dir: Path, batch: int = 16) -> 
 
 
 def main() -> int:
-    from models.bundle import DEFAULT_MODEL_DIR
+    from models.bundle_manifest import DEFAULT_MODEL_DIR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", type=Path, nargs="+", help="folders of PNG chest radiographs")
