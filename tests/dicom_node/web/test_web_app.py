@@ -101,7 +101,7 @@ def test_kept_alive_connections_have_nagle_off(web_node: WebNode) -> None:
     with httpx.Client() as client:
         for _ in range(2):
             assert client.get(f"{web_node.url}/thumbnails/1.2.3.jpg").status_code == 404
-        accepted = [s for s in gc.get_objects() if isinstance(s, socket.socket) and s.fileno() != -1
+        accepted = [s for s in gc.get_objects() if type(s) is socket.socket and s.fileno() != -1
                     and s.family in (socket.AF_INET, socket.AF_INET6) and s.getsockname()[1] == port
                     and _connected(s)]
         assert accepted
