@@ -191,12 +191,11 @@ class Catalog:
         """Add the columns (and their indexes) of QUERY_KEYS added since the catalog was made, empty for the
         rows already held; ``create_all`` makes only missing tables. (A new unique key would not get its
         constraint this way.)"""
-        inspector = inspect(self.engine)  # caches each table's columns
-        missing = []
-        for key in QUERY_KEYS.values():
-            table = MODEL_OF_LEVEL[key.level].__table__
-            if key.column not in {held["name"] for held in inspector.get_columns(table.name)}:
-                missing.append(table.c[key.column])
+        inspector = inspect(self.engine)
+        held = {level: {column["name"] for column in inspector.get_columns(model.__tablename__)}
+                for level, model in MODEL_OF_LEVEL.items()}
+        missing = [MODEL_OF_LEVEL[key.level].__table__.c[key.column] for key in QUERY_KEYS.values()
+                   if key.column not in held[key.level]]
         if not missing:
             return
         with self.engine.begin() as connection:

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Select, and_, select, true
 from sqlalchemy.orm import InstrumentedAttribute
 
-from indexer.schema import LEVELS, QUERY_KEYS, Instance, QueryKey, Series, Study
+from indexer.schema import QUERY_KEYS, Instance, QueryKey, Series, Study, keys_down_to
 
 MODEL_OF_LEVEL = {"STUDY": Study, "SERIES": Series, "IMAGE": Instance}
 
@@ -22,12 +22,6 @@ MODEL_OF_LEVEL = {"STUDY": Study, "SERIES": Series, "IMAGE": Instance}
 def column(keyword: str) -> InstrumentedAttribute[Any]:
     key = QUERY_KEYS[keyword]
     return getattr(MODEL_OF_LEVEL[key.level], key.column)
-
-
-def keys_down_to(level: str) -> list[str]:
-    """The keywords held at ``level`` and the levels above it."""
-    depth = LEVELS.index(level)
-    return [keyword for keyword, key in QUERY_KEYS.items() if LEVELS.index(key.level) <= depth]
 
 
 def _like(pattern: str) -> str:

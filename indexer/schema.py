@@ -62,9 +62,20 @@ QUERY_KEYS: dict[str, QueryKey] = {
 }
 
 
+_KEYS_OF_LEVEL = {level: {keyword: key for keyword, key in QUERY_KEYS.items() if key.level == level}
+                  for level in LEVELS}
+_KEYS_DOWN_TO = {level: tuple(keyword for keyword, key in QUERY_KEYS.items()
+                              if LEVELS.index(key.level) <= LEVELS.index(level)) for level in LEVELS}
+
+
 def keys_of_level(level: str) -> dict[str, QueryKey]:
-    """The keys held in ``level``'s own table."""
-    return {keyword: key for keyword, key in QUERY_KEYS.items() if key.level == level}
+    """The keys held in ``level``'s own table (one dict per level, made once: read it, do not change it)."""
+    return _KEYS_OF_LEVEL[level]
+
+
+def keys_down_to(level: str) -> tuple[str, ...]:
+    """The keywords held at ``level`` and the levels above it."""
+    return _KEYS_DOWN_TO[level]
 
 
 def _key_columns(level: str) -> type:

@@ -79,9 +79,9 @@ class Pages:
             answer = find_answer(self.services, identifier,
                                  lambda sop_uid: str(request.url_for("thumbnail", sop_uid=sop_uid).path))
         except NodeError as error:
-            answer = http_error(error)
-            LOG.info("similar page: %d %s", answer.status, answer.title)
-            return _error(request, answer.status, answer.title, str(error))
+            http = http_error(error)
+            LOG.info("similar page: %d %s", http.status, http.title)
+            return _error(request, http.status, http.title, str(error))
         LOG.info("similar page: study %s, %d similar", answer.query.case.study_uid, len(answer.similar))
         if _wants_json(request):
             return JSONResponse(asdict(answer), headers={"Cache-Control": "no-store"})
@@ -121,9 +121,9 @@ class Pages:
                 raise SheetsDisabledError()
             result = sheets.create(check_uid(study_uid, "StudyInstanceUID"))
         except NodeError as error:
-            answer = http_error(error)
-            LOG.info("reference sheet request: %d %s", answer.status, answer.title)
-            return JSONResponse({"error": answer.title, "detail": str(error)}, answer.status)
+            http = http_error(error)
+            LOG.info("reference sheet request: %d %s", http.status, http.title)
+            return JSONResponse({"error": http.title, "detail": str(error)}, http.status)
         return JSONResponse(asdict(result), 201)
 
 

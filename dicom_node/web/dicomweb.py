@@ -60,7 +60,7 @@ from dicom_node.web.media import (
     parse_accept,
 )
 from dicom_node.web.render import Renderer, jpeg_bytes
-from indexer.schema import LEVELS, QUERY_KEYS
+from indexer.schema import LEVELS, keys_down_to
 
 LOG = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _element(keyword: str, value: str | None) -> DataElement:
 def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query:
     """QIDO query parameters (PS3.18 8.3.4) as a C-FIND identifier at ``level``; ``fixed`` are the UIDs of
     the resource path. Bad parameters raise DicomWebError(400)."""
-    depth = LEVELS.index(level)
+    held = keys_down_to(level)
     returned: list[str] = list(DEFAULT_KEYS[level])
     query = Query(Dataset())
     values: dict[str, list[str]] = {}
@@ -154,7 +154,7 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
         elif name == "includefield":
             for item in filter(None, (v.strip() for v in value.split(","))):
                 if item == "all":
-                    returned += [k for k, key in QUERY_KEYS.items() if LEVELS.index(key.level) <= depth]
+                    returned += held
                     returned += list(SUMMARY_KEYS) if level == "STUDY" else []
                 else:
                     returned.append(_keyword(item))
@@ -163,8 +163,7 @@ def parse_query(params: QueryParams, level: str, fixed: dict[str, str]) -> Query
     for keyword, given in values.items():
         joined = "\\".join(v.replace(",", "\\") if dictionary_VR(tag_for_keyword(keyword)) == "UI" else v
                            for v in given)
-        matchable = keyword == "ModalitiesInStudy" or (keyword in QUERY_KEYS
-                                                       and LEVELS.index(QUERY_KEYS[keyword].level) <= depth)
+        matchable = keyword == "ModalitiesInStudy" or keyword in held
         if joined and not matchable:
             query.warnings.append(f"{keyword} is not supported for matching at this level and was ignored")
         elif joined:
