@@ -22,7 +22,7 @@ from pynetdicom.presentation import build_context
 
 from config.settings import Settings
 from dicom_node.errors import NodeError
-from dicom_node.identifiers import response
+from dicom_node.identifiers import for_syntax, response
 from dicom_node.ingest import IngestResult, Ingestor, read_received
 from dicom_node.metrics import Metrics
 from dicom_node.matching import matching_keys, query_level
@@ -232,11 +232,12 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
     if wants_sheet and answers and services.sheets is not None:
         services.sheets.request(event.identifier)
+    syntax = event.context.transfer_syntax
     for answer in answers:
         if event.is_cancelled:
             yield Status.CANCEL, None
             return
-        yield Status.PENDING, answer
+        yield Status.PENDING, for_syntax(answer, syntax.is_implicit_VR, syntax.is_little_endian)
 
 
 def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
@@ -248,11 +249,13 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
         return
     count = 0
     retrieve_ae = called_ae(event)
+    syntax = event.context.transfer_syntax
     for values in services.catalog.matches(matching_keys(request), level):
         if event.is_cancelled:
             yield Status.CANCEL, None
             return
-        yield Status.PENDING, response(request, level, values, retrieve_ae)
+        yield Status.PENDING, for_syntax(response(request, level, values, retrieve_ae), syntax.is_implicit_VR,
+                                         syntax.is_little_endian)
         count += 1
     LOG.info("C-FIND from %s at %s level: %d matches", calling_ae(event), level, count)
 

@@ -1,27 +1,81 @@
-"""C-FIND response identifiers: the requested keys, filled from the values the catalog answers with."""
+"""C-FIND response identifiers: the requested keys, filled from the values the catalog answers with.
+
+Text values are encoded here, once, as the bytes they are sent as (UTF-8, the response character set, padded to
+an even length) and kept as raw elements, which pydicom writes as they are: setting them as pydicom values
+would convert and validate each one and then encode it again, the larger part of an answer's cost. Text bytes
+are the same in every uncompressed transfer syntax; `answer_dataset` declares Implicit VR Little Endian and
+`for_syntax` restates that for the presentation context an answer goes out on, so pydicom takes the raw
+path there too. Keys of other value representations (numbers, sequences) are set as pydicom values; one whose VR
+depends on other attributes ("US or SS") leaves pydicom to resolve it as it writes.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 
 RESPONSE_CHARSET = "ISO_IR 192"  # the catalog holds decoded text; answer in UTF-8
+_ENCODINGS = convert_encodings(RESPONSE_CHARSET)
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+                      "UR", "UT"})
+Element = DataElement | RawDataElement
 
 
-def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: str) -> Dataset:
-    """Every key the request named, with the held value or empty; plus level, charset and where to retrieve."""
-    identifier = Dataset()
-    identifier.SpecificCharacterSet = RESPONSE_CHARSET
-    identifier.QueryRetrieveLevel = level
+def text_element(tag: int, vr: str, value: str | int | Iterable[str | int] | None) -> RawDataElement:
+    """An element of a text VR from its value (several values as a list; None or "" for empty), as sent."""
+    if value is None or value == "":
+        data = b""
+    else:
+        text = str(value) if isinstance(value, (str, int)) else "\\".join(map(str, value))
+        data = text.encode("utf-8")
+        if len(data) % 2:
+            data += b"\x00" if vr == "UI" else b" "
+    return RawDataElement(BaseTag(tag), vr, len(data), data, 0, True, True)
+
+
+def answer_dataset(elements: Iterable[Element]) -> Dataset:
+    """A dataset of ``elements`` (the raw ones from `text_element`), encoded in the response character set."""
+    identifier = Dataset({element.tag: element for element in elements})
+    identifier.set_original_encoding(True, True, _ENCODINGS)
+    return identifier
+
+
+def for_syntax(identifier: Dataset, implicit_vr: bool, little_endian: bool) -> Dataset:
+    """``identifier`` declared in the encoding it is about to be written in (its raw elements are text, the same
+    bytes in every uncompressed syntax), so that pydicom writes them without converting them first."""
+    if not any(" or " in (element.VR or "") for element in identifier.elements()):  # else pydicom must resolve it
+        identifier.set_original_encoding(implicit_vr, little_endian, _ENCODINGS)
+    return identifier
+
+
+def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: str,
+             extra: Iterable[Element] = ()) -> Dataset:
+    """Every key the request named, with the held value or empty; plus level, charset, where to retrieve and
+    the ``extra`` elements given."""
+    elements = [text_element(0x00080005, "CS", RESPONSE_CHARSET), text_element(0x00080052, "CS", level),
+                text_element(0x00080054, "AE", retrieve_ae), *extra]
     for element in request:
         keyword = element.keyword
-        if not keyword or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+        if not keyword or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
             continue
         value = values.get(keyword)
-        if value in (None, ""):
-            identifier[element.tag] = DataElement(element.tag, element.VR, None)
+        if element.VR in TEXT_VRS:
+            elements.append(text_element(element.tag, element.VR, value))
         else:
-            setattr(identifier, keyword, value)
-    identifier.RetrieveAETitle = retrieve_ae
-    return identifier
+            elements.append(DataElement(element.tag, element.VR, None if value in (None, "") else value))
+    return answer_dataset(elements)
+
+
+def private_tag(group: int, offset: int) -> BaseTag:
+    """The tag of element ``offset`` of the first private block of ``group``, (gggg,10xx): the one block an
+    answer has, reserved by `private_creator`."""
+    return Tag(group, 0x1000 + offset)
+
+
+def private_creator(group: int, creator: str) -> RawDataElement:
+    """The element reserving the first private block of ``group`` for ``creator`` (gggg,0010)."""
+    return text_element(Tag(group, 0x0010), "LO", creator)

@@ -3,7 +3,10 @@
 - pynetdicom writes a received dataset to a file as its fragments arrive (never whole in memory), in
   ``tempfile.tempdir``, which is the node's incoming folder: PHI stays in the data dir, and keeping an
   instance is a rename;
-- pynetdicom logs query and retrieve identifiers (patient data) only when ``logging.log_phi`` allows it;
+- pynetdicom logs query and retrieve identifiers (patient data) only when ``logging.log_phi`` allows it, and
+  binds its standard handlers, which describe every message as it is sent or received, only when its log shows
+  them (DEBUG with ``log_phi``): otherwise they build each description to throw it away, ~7 % of a
+  similar-case query's CPU;
 - OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE`` unless set): torch's otherwise spin beside
   the node's other threads, which halved the embedding rate and doubled freshness p99 (docs/BENCHMARKS.md).
   OpenMP reads it once, when torch is first imported, so it must be set before that;
@@ -37,6 +40,7 @@ class _Switches:
 
     recv_chunked: bool
     log_identifiers: tuple[bool, bool]  # pynetdicom's LOG_REQUEST_IDENTIFIERS, LOG_RESPONSE_IDENTIFIERS
+    log_handlers: str  # pynetdicom's LOG_HANDLER_LEVEL: "standard" or "none"
     tempdir: str | None
     omp_wait_policy: str | None
     levels: tuple[int, ...] | None  # of _LOGGERS
@@ -45,12 +49,14 @@ class _Switches:
     def current(cls, with_levels: bool) -> _Switches:
         return cls(pynetdicom_config.STORE_RECV_CHUNKED_DATASET,
                    (pynetdicom_config.LOG_REQUEST_IDENTIFIERS, pynetdicom_config.LOG_RESPONSE_IDENTIFIERS),
+                   pynetdicom_config.LOG_HANDLER_LEVEL,
                    tempfile.tempdir, os.environ.get("OMP_WAIT_POLICY"),
                    tuple(logging.getLogger(name).level for name in _LOGGERS) if with_levels else None)
 
     def apply(self) -> None:
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = self.recv_chunked
         pynetdicom_config.LOG_REQUEST_IDENTIFIERS, pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = self.log_identifiers
+        pynetdicom_config.LOG_HANDLER_LEVEL = self.log_handlers
         tempfile.tempdir = self.tempdir
         if self.omp_wait_policy is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
@@ -89,18 +95,20 @@ _ACTIVE: list[ProcessSettings] = []  # the calls not restored yet, oldest first
 
 
 def configure_logging(settings: LoggingSettings) -> None:
-    """pynetdicom's identifier logging (its documented switches) off unless log_phi; then, unless the process
-    has configured logging already (the root logger has a handler: pytest's, an application's that runs the
-    node, or an earlier node's), the level and a line format."""
+    """pynetdicom's identifier logging and standard message handlers (its documented switches) off unless
+    debugging with log_phi; then, unless the process has configured logging already (the root logger has a
+    handler: pytest's, an application's that runs the node, or an earlier node's), the level and a line format."""
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = settings.log_phi
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = settings.log_phi
+    debugging = settings.level == "DEBUG" and settings.log_phi
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if debugging else "none"
     if logging.getLogger().handlers:
         return
     logging.basicConfig(level=settings.level, format=LOG_FORMAT)
     # Coalesced runs of a busy job are expected; APScheduler's "skipped" notices are noise.
     logging.getLogger("apscheduler").setLevel("ERROR")
     # pynetdicom's own INFO/DEBUG lines describe every PDU and dataset; keep them for debugging sessions.
-    logging.getLogger("pynetdicom").setLevel("DEBUG" if settings.level == "DEBUG" and settings.log_phi else "WARNING")
+    logging.getLogger("pynetdicom").setLevel("DEBUG" if debugging else "WARNING")
 
 
 def configure_process(settings: Settings, incoming: Path) -> ProcessSettings:

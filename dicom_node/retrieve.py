@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from copy import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,15 +169,19 @@ def prefer_stored_syntax(assoc: Association, held: HeldSyntaxes) -> None:
     """Before negotiation (EVT_REQUESTED): where a C-GET requestor offers this node the SCU role for a SOP
     class in one context with several syntaxes, accept the syntax its instances are stored in.
 
-    pynetdicom accepts the first syntax of the acceptor's list that the requestor offers; only the order of
-    this association's copy of the list changes. A class held in several syntaxes keeps the uncompressed
-    syntaxes first, so that every instance can be sent (compressed ones decoded)."""
+    pynetdicom accepts the first syntax of the acceptor's list that the requestor offers; the context is
+    replaced by a reordered copy in this association's list (the contexts in it are the server's, shared by every
+    association). A class held in several syntaxes keeps the uncompressed syntaxes first, so that every
+    instance can be sent (compressed ones decoded)."""
     roles = assoc.requestor.role_selection
-    for context in assoc.acceptor.supported_contexts:
+    contexts = assoc.acceptor.supported_contexts
+    for position, context in enumerate(contexts):
         role = roles.get(context.abstract_syntax)
         stored = held.only(context.abstract_syntax)
         if role is not None and role.scp_role and stored in context.transfer_syntax:
-            context.transfer_syntax = [stored, *(ts for ts in context.transfer_syntax if ts != stored)]
+            preferred = copy(context)
+            preferred.transfer_syntax = [stored, *(ts for ts in context.transfer_syntax if ts != stored)]
+            contexts[position] = preferred
 
 
 @dataclass

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from config.settings import QuerySettings
 from dicom_node.errors import NodeError
-from dicom_node.identifiers import response
+from dicom_node.identifiers import private_creator, private_tag, response, text_element
 from dicom_node.status import Status
 from indexer.catalog import Catalog, from_blob
 from indexer.schema import Study
@@ -247,26 +246,22 @@ def hit_identifier(
     shown = shown_findings(calibration, hit.study, hit.finding_scores)
     findings = [name for name, _ in shown]
     match = match_probability(calibration, hit.study, hit.score)
-    values = {**values, "StudyDescription": describe(hit.rank, hit.score, match, findings)}
-    if "StudyDescription" not in request:
-        request = request.copy()
-        request.StudyDescription = ""
-    identifier = response(request, "STUDY", values, retrieve_ae)
-    block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    # Values formatted here as their DICOM strings and added as such: pydicom's conversion and validation
-    # of each value would take about half of the time of building an answer.
-    for offset, vr, value in (
-        (SCORE, "DS", f"{hit.score:.6f}"),
-        (RANK, "IS", str(hit.rank)),
-        (MODEL_VERSION, "LO", hit.study.model_version[:64]),
-        (PREDICTED_FINDINGS, "LO", findings or ""),
-        (FINDING_SCORES, "DS", [f"{s:.4f}" for s in hit.finding_scores]),
-        (ORIGINAL_DESCRIPTION, "LO", hit.study.study_description),
-        (MATCH_PROBABILITY, "DS", "" if match is None else f"{match:.4f}"),
-        (FINDING_PROBABILITIES, "DS", [f"{p:.4f}" for _, p in shown] or ""),
-    ):
-        identifier.add(DataElement(block.get_tag(offset), vr, value, already_converted=True))
-    return identifier
+    description = describe(hit.rank, hit.score, match, findings)
+    private = [
+        text_element(private_tag(PRIVATE_GROUP, offset), vr, value) for offset, vr, value in (
+            (SCORE, "DS", f"{hit.score:.6f}"),
+            (RANK, "IS", hit.rank),
+            (MODEL_VERSION, "LO", hit.study.model_version[:64]),
+            (PREDICTED_FINDINGS, "LO", findings),
+            (FINDING_SCORES, "DS", [f"{s:.4f}" for s in hit.finding_scores]),
+            (ORIGINAL_DESCRIPTION, "LO", hit.study.study_description),
+            (MATCH_PROBABILITY, "DS", None if match is None else f"{match:.4f}"),
+            (FINDING_PROBABILITIES, "DS", [f"{p:.4f}" for _, p in shown]),
+        )
+    ]
+    return response(request, "STUDY", {**values, "StudyDescription": description}, retrieve_ae,
+                    [text_element(0x00081030, "LO", description), private_creator(PRIVATE_GROUP, PRIVATE_CREATOR),
+                     *private])
 
 
 def similar_responses(

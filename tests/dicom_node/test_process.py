@@ -19,7 +19,7 @@ from dicom_node.server import Node
 
 def switches() -> tuple[object, ...]:
     return (pynetdicom_config.STORE_RECV_CHUNKED_DATASET, pynetdicom_config.LOG_REQUEST_IDENTIFIERS,
-            pynetdicom_config.LOG_RESPONSE_IDENTIFIERS, tempfile.tempdir, os.environ.get("OMP_WAIT_POLICY"),
+            pynetdicom_config.LOG_RESPONSE_IDENTIFIERS, pynetdicom_config.LOG_HANDLER_LEVEL, tempfile.tempdir, os.environ.get("OMP_WAIT_POLICY"),
             logging.getLogger().level, logging.getLogger("pynetdicom").level, list(logging.getLogger().handlers))
 
 
@@ -45,6 +45,7 @@ def test_configure_sets_every_switch_and_restore_puts_them_back(
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert logging.getLogger().level == logging.DEBUG and len(logging.getLogger().handlers) == 1
     assert logging.getLogger("pynetdicom").level == logging.WARNING  # DEBUG only with log_phi
+    assert pynetdicom_config.LOG_HANDLER_LEVEL == "none"  # its per-message descriptions: nobody would see them
     handle.restore()
     assert switches() == before
     handle.restore()  # a second time: nothing more to put back
@@ -54,10 +55,18 @@ def test_configure_sets_every_switch_and_restore_puts_them_back(
 def test_logging_the_process_set_up_itself_is_left_alone(tmp_path: Path, no_omp_policy: None) -> None:
     before = switches()
     handle = configure_process(settings_from_mapping({"logging": {"level": "DEBUG"}}), tmp_path)
-    assert switches()[5:] == before[5:]  # pytest's handlers, its levels
+    assert switches()[6:] == before[6:]  # pytest's handlers, its levels
     assert pynetdicom_config.LOG_REQUEST_IDENTIFIERS is False  # but never patient data unless log_phi
     handle.restore()
     assert switches() == before
+
+
+def test_pynetdicom_describes_each_message_only_when_debugging_with_phi(tmp_path: Path) -> None:
+    for logging_settings, described in (({"level": "DEBUG", "log_phi": True}, "standard"),
+                                        ({"level": "DEBUG"}, "none"), ({"level": "INFO", "log_phi": True}, "none")):
+        handle = configure_process(settings_from_mapping({"logging": logging_settings}), tmp_path)
+        assert pynetdicom_config.LOG_HANDLER_LEVEL == described, logging_settings
+        handle.restore()
 
 
 def test_an_omp_policy_already_set_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -266,10 +266,13 @@ def test_getscu_preferring_the_stored_syntax_gets_the_stored_bytes(serve: Callab
     node = serve()
     study = make_study(kind)
     upload(node, study)
+    server_contexts = [(c.abstract_syntax, list(c.transfer_syntax)) for c in node.ae.supported_contexts]
     got = getscu(node, tmp_path / "got", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study.uid}",
                  options=(prefer,))
     assert got.returncode == 0 and "Completed Suboperations : 2" in got.stderr, got.stderr
     assert_as_stored(study, by_sop(tmp_path / "got"))
+    # The preference was that association's: the contexts every association shares are as they were.
+    assert [(c.abstract_syntax, list(c.transfer_syntax)) for c in node.ae.supported_contexts] == server_contexts
 
 
 class GetRequestor:
