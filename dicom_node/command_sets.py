@@ -102,16 +102,23 @@ def command_set(primitive: Any) -> bytes:
 
 
 def p_data(context_id: int, command: bytes, data_set: bytes, max_pdu: int) -> Iterator[P_DATA]:
-    """A message as P-DATA primitives, one PDV each (PS3.8 E.2): the command set's fragments, then the data set's,
-    each PDV at most ``max_pdu`` bytes with its 6-byte header (0: unlimited), the last of each part flagged so."""
+    """A message as P-DATA primitives (PS3.8 E.2): the command set's fragments, then the data set's, each PDV
+    at most ``max_pdu`` bytes with its headers (0: unlimited), the last of each part flagged so. Consecutive PDVs
+    share one P-DATA, so one PDU, while they fit in ``max_pdu``: a short answer (command set and identifier)
+    goes out as one PDU where pynetdicom sends two."""
     size = max_pdu - 6 if max_pdu else max(len(command), len(data_set))
+    primitive, used = P_DATA(), 0
     for part, flags in ((command, _COMMAND), (data_set, _DATA)):
         starts = range(0, len(part), size)
         for start in starts:
-            last = _LAST if start == starts[-1] else 0
-            primitive = P_DATA()
-            primitive.presentation_data_value_list.append((context_id, bytes((flags | last,)) + part[start:start + size]))
-            yield primitive
+            value = bytes((flags | (_LAST if start == starts[-1] else 0),)) + part[start:start + size]
+            item = 5 + len(value)  # the PDV item: its length (4 bytes), the context ID, the value
+            if max_pdu and used + item > max_pdu:
+                yield primitive
+                primitive, used = P_DATA(), 0
+            primitive.presentation_data_value_list.append((context_id, value))
+            used += item
+    yield primitive
 
 
 class EncodingDIMSE(DIMSEServiceProvider):

@@ -5,8 +5,7 @@ an even length) and kept as raw elements, which pydicom writes as they are: sett
 would convert and validate each one and then encode it again, the larger part of an answer's cost. Text bytes
 are the same in every uncompressed transfer syntax; `answer_dataset` declares Implicit VR Little Endian and
 `for_syntax` restates that for the presentation context an answer goes out on, so pydicom takes the raw
-path there too. Keys of other value representations (numbers, sequences) are set as pydicom values; one whose VR
-depends on other attributes ("US or SS") leaves pydicom to resolve it as it writes.
+path there too. Keys of other value representations (numbers, sequences) are set as pydicom values.
 """
 from __future__ import annotations
 
@@ -38,16 +37,21 @@ def text_element(tag: int, vr: str, value: str | int | Iterable[str | int] | Non
 
 
 def answer_dataset(elements: Iterable[Element]) -> Dataset:
-    """A dataset of ``elements`` (the raw ones from `text_element`), encoded in the response character set."""
-    identifier = Dataset({element.tag: element for element in elements})
-    identifier.set_original_encoding(True, True, _ENCODINGS)
+    """A dataset of ``elements`` (the raw ones from `text_element`), encoded in the response character set.
+    With an element whose VR depends on other attributes ("US or SS") no encoding is declared: pydicom then
+    resolves it as it writes."""
+    by_tag = {element.tag: element for element in elements}
+    identifier = Dataset(by_tag)
+    if not any(" or " in (element.VR or "") for element in by_tag.values() if not element.is_raw):
+        identifier.set_original_encoding(True, True, _ENCODINGS)
     return identifier
 
 
 def for_syntax(identifier: Dataset, implicit_vr: bool, little_endian: bool) -> Dataset:
-    """``identifier`` declared in the encoding it is about to be written in (its raw elements are text, the same
-    bytes in every uncompressed syntax), so that pydicom writes them without converting them first."""
-    if not any(" or " in (element.VR or "") for element in identifier.elements()):  # else pydicom must resolve it
+    """``identifier`` (from `answer_dataset`) declared in the encoding it is about to be written in (its raw
+    elements are text, the same bytes in every uncompressed syntax), so that pydicom writes them without
+    converting them first."""
+    if identifier.original_encoding != (None, None):
         identifier.set_original_encoding(implicit_vr, little_endian, _ENCODINGS)
     return identifier
 

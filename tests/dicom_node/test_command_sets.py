@@ -74,15 +74,27 @@ def test_text_outside_ascii_is_left_to_pynetdicom() -> None:
 
 
 @pytest.mark.parametrize("max_pdu", [0, 16, 37, 100, 16382])
-def test_fragments_are_pynetdicoms(max_pdu: int) -> None:
-    """The same PDVs as pynetdicom's own fragmenting: command set then data set, each in pieces that fit the
-    peer's maximum PDU, the last of each flagged."""
+def test_fragments_are_pynetdicoms_packed_into_fewer_pdus(max_pdu: int) -> None:
+    """The same PDVs as pynetdicom's own fragmenting (command set then data set, each in pieces that fit the
+    peer's maximum PDU, the last of each flagged), consecutive ones sharing a PDU while it stays within the
+    peer's maximum."""
     answer = dimse_primitives.C_FIND()
     answer.MessageIDBeingRespondedTo, answer.Status, answer.AffectedSOPClassUID = 9, 0xFF00, FIND
     answer.Identifier = BytesIO(bytes(range(256)) * 3)
     message = message_class(answer)()
     message.primitive_to_message(answer)
-    expected = [p.presentation_data_value_list for p in message.encode_msg(1, max_pdu)]
-    written = [p.presentation_data_value_list for p in p_data(1, command_set(answer), answer.Identifier.getvalue(),
-                                                            max_pdu)]
-    assert written == expected
+    expected = [pdv for p in message.encode_msg(1, max_pdu) for pdv in p.presentation_data_value_list]
+    pdus = [p.presentation_data_value_list for p in p_data(1, command_set(answer), answer.Identifier.getvalue(),
+                                                           max_pdu)]
+    assert [pdv for pdvs in pdus for pdv in pdvs] == expected
+    for pdvs in pdus:
+        assert not max_pdu or sum(5 + len(value) for _, value in pdvs) <= max_pdu
+    if max_pdu in (0, 16382):
+        assert len(pdus) == 1  # command set and identifier in one PDU
+
+
+def test_a_short_answer_is_one_pdu() -> None:
+    """A C-FIND-RSP without identifier and a C-STORE-RSP: one PDU each."""
+    for primitive in (dimse_primitives.C_FIND(), dimse_primitives.C_STORE()):
+        primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.AffectedSOPClassUID = 1, 0, FIND
+        assert len(list(p_data(1, command_set(primitive), b"", 16382))) == 1

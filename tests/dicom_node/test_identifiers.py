@@ -68,3 +68,13 @@ def test_answer_reads_back_as_the_values_held(syntax: tuple[bool, bool]) -> None
     assert read.Rows == 2048
     assert read.RetrieveAETitle == "MMDL_NODE" and read.QueryRetrieveLevel == "IMAGE"
     assert 0x00990010 not in read
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())
+def test_a_key_whose_vr_depends_on_others_is_still_written(syntax: tuple[bool, bool]) -> None:
+    """SmallestImagePixelValue is US or SS (by PixelRepresentation): pydicom resolves it, raw text or not."""
+    ask = request()
+    ask.add(DataElement(0x00280106, "US or SS", None))
+    answer = for_syntax(response(ask, "IMAGE", VALUES, "MMDL_NODE"), *syntax)
+    read = decode(BytesIO(encode(answer, *syntax)), *syntax)
+    assert 0x00280106 in read and str(read.PatientName) == "Müller^Jürgen"
