@@ -84,7 +84,7 @@ class Pages:
             return _error(request, http.status, http.title, str(error))
         LOG.info("similar page: study %s, %d similar", answer.query.case.study_uid, len(answer.similar))
         if _wants_json(request):
-            return JSONResponse(asdict(answer), headers={"Cache-Control": "no-store"})
+            return JSONResponse(answer.as_json(), headers={"Cache-Control": "no-store"})
         page = _TEMPLATES.get_template("similar.html").render(
             answer=answer, viewer_names=VIEWER_NAMES, size=self.services.settings.web.thumbnail_size)
         return HTMLResponse(page, headers=PAGE_HEADERS)

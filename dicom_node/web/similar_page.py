@@ -78,6 +78,13 @@ class SimilarAnswer:
     model_version: str
     calibrated: bool  # whether findings and match probabilities come from a calibration of the model
 
+    def as_json(self) -> dict[str, Any]:
+        """The answer as ``dataclasses.asdict`` gives it, without its deep copy of every value (a fifth of the
+        request's CPU): the fields of a Case already hold JSON values, shared here, not copied."""
+        query = self.query
+        return {"query": {**vars(query), "case": vars(query.case)}, "similar": [vars(case) for case in self.similar],
+                "model_version": self.model_version, "calibrated": self.calibrated}
+
 
 def similar_request(study_uid: str, accession: str, options: dict[str, str]) -> Dataset:
     """The similar-case C-FIND identifier for an HTTP query (parse_request then checks it as for DICOM)."""
