@@ -496,6 +496,12 @@ class Catalog:
         with self.engine.connect() as connection:
             return _answer_values(connection, "STUDY", connection.execute(_STUDY_ANSWERS, {"pks": list(study_pks)}).all())
 
+    def study_summaries(self, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """ModalitiesInStudy, NumberOfStudyRelatedSeries and NumberOfStudyRelatedInstances of each of these studies
+        that has a series, by primary key: what ``study_values`` adds to the study's row."""
+        with self.engine.connect() as connection:
+            return _study_summaries(connection, study_pks)
+
     def matching_instances(self, keys: Mapping[str, str], level: str) -> list[tuple[str, str, str, str]]:
         """(SOP Instance UID, path, SOP Class UID, transfer syntax) of every instance under the rows at
         ``level`` that ``keys`` match."""

@@ -128,7 +128,7 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
     query = query_study(catalog, request)
     hits = find_similar(catalog, services.index, query, request, calibration)
     pks = [query.id, *(hit.study.id for hit in hits)]
-    values = catalog.study_values(pks)
+    summaries = catalog.study_summaries(pks)  # the studies' rows are loaded already
     images = catalog.first_images(pks)
     reports = catalog.current_reports(pks)
 
@@ -137,7 +137,7 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
         return Case(
             study_uid=study.study_uid,
             study_date=iso_date(study.study_date),
-            modalities=list(values[study.id].get("ModalitiesInStudy") or []),
+            modalities=list(summaries.get(study.id, {}).get("ModalitiesInStudy") or []),
             findings=[] if scores is None else [{"name": n, "probability": round(p, 4)}
                                                  for n, p in shown_findings(calibration, study, scores)],
             finding_scores={} if scores is None else {n: round(float(p), 4) for n, p in zip(OBSERVATIONS, scores)},

@@ -127,6 +127,7 @@ def test_json_carries_the_same_answer(web_node: WebNode) -> None:
         assert set(case["finding_scores"]) >= {f["name"] for f in case["findings"]}
         assert case["thumbnail"].startswith("/thumbnails/") and case["viewers"].keys() == {"ohif", "stone", "weasis"}
         assert (case["reference_case"] is None) == case["same_patient"]
+        assert "DX" in case["modalities"]
     identifiers = {s.patient_id for s in web_node.studies[2:]} | {s.accession for s in web_node.studies[1:]}
     assert not any(identifier in api.text for identifier in identifiers)
     # every field of the answer, as dataclasses.asdict gives it (the route builds the JSON without it)
