@@ -20,6 +20,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Select,
     bindparam,
     create_engine,
     delete,
@@ -70,6 +71,32 @@ _HELD_FOR_STUDY = (
 _INSERT_STUDY = insert(Study).returning(Study.id)
 _INSERT_SERIES = insert(Series).returning(Series.id)
 _INSERT_INSTANCE = insert(Instance)
+
+# Statements of the similar-case answer (C-FIND and HTTP), built once: building and caching a statement per
+# call cost SQLAlchemy more CPU than SQLite took to run it. ``pks`` takes a list of primary keys.
+_PKS = bindparam("pks", expanding=True)
+_STUDY_BY_UID = select(Study).where(Study.study_uid == bindparam("uid"))
+_STUDY_BY_ACCESSION = (select(Study).where(Study.accession_number == bindparam("accession"))
+                       .order_by(Study.id.desc()).limit(1))
+_STUDIES = select(Study).where(Study.id.in_(_PKS))
+_STUDY_ANSWERS = build_query({}, "STUDY").where(Study.id.in_(_PKS))
+_FIRST_IMAGES = (select(Series.study_pk, Instance.sop_uid, Instance.path)
+                 .join(Series, Instance.series_pk == Series.id)
+                 .where(Series.study_pk.in_(_PKS), Instance.kind == Kind.IMAGE)
+                 .order_by((Instance.state != State.INDEXED), Instance.id))
+_CURRENT_REPORTS = select(Report.study_pk, Report.text).where(Report.study_pk.in_(_PKS), Report.current.is_(True))
+
+
+def _summaries_query(modalities: Any) -> Select[Any]:
+    """Each study's joined modalities (by the dialect's aggregate ``modalities``), series and instance counts."""
+    return (select(Series.study_pk, modalities, func.count(distinct(Series.id)), func.count(Instance.id))
+            .join(Instance, Instance.series_pk == Series.id, isouter=True)
+            .where(Series.study_pk.in_(_PKS))
+            .group_by(Series.study_pk))
+
+
+_SQLITE_SUMMARIES = _summaries_query(func.group_concat(distinct(Series.modality)))
+_SUMMARIES = _summaries_query(func.string_agg(distinct(Series.modality), ","))
 
 
 def _attrs(name: str, level: str, required: Sequence[tuple[str, type]] = (),
@@ -147,14 +174,8 @@ def make_engine(url: str) -> Engine:
 
 def _study_summaries(connection: Connection, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
     """ModalitiesInStudy, NumberOfStudyRelatedSeries and NumberOfStudyRelatedInstances of each study with a series."""
-    modalities = (func.group_concat(distinct(Series.modality)) if connection.dialect.name == "sqlite"
-                  else func.string_agg(distinct(Series.modality), ","))
-    rows = connection.execute(
-        select(Series.study_pk, modalities, func.count(distinct(Series.id)), func.count(Instance.id))
-        .join(Instance, Instance.series_pk == Series.id, isouter=True)
-        .where(Series.study_pk.in_(study_pks))
-        .group_by(Series.study_pk)
-    )
+    rows = connection.execute(_SQLITE_SUMMARIES if connection.dialect.name == "sqlite" else _SUMMARIES,
+                              {"pks": list(study_pks)})
     summaries = {}
     for pk, joined, n_series, n_instances in rows:
         held = sorted(filter(None, (joined or "").split(",")))
@@ -473,8 +494,13 @@ class Catalog:
     def study_values(self, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
         """What ``matches`` answers for each of these studies, by primary key."""
         with self.engine.connect() as connection:
-            return _answer_values(connection, "STUDY", connection.execute(
-                build_query({}, "STUDY").where(Study.id.in_(study_pks))).all())
+            return _answer_values(connection, "STUDY", connection.execute(_STUDY_ANSWERS, {"pks": list(study_pks)}).all())
+
+    def study_summaries(self, study_pks: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """ModalitiesInStudy, NumberOfStudyRelatedSeries and NumberOfStudyRelatedInstances of each of these studies
+        that has a series, by primary key: what ``study_values`` adds to the study's row."""
+        with self.engine.connect() as connection:
+            return _study_summaries(connection, study_pks)
 
     def matching_instances(self, keys: Mapping[str, str], level: str) -> list[tuple[str, str, str, str]]:
         """(SOP Instance UID, path, SOP Class UID, transfer syntax) of every instance under the rows at
@@ -486,14 +512,12 @@ class Catalog:
         """The study named by its UID, or else by its accession number (the most recent one)."""
         with self._sessions() as session:
             if study_uid:
-                return session.scalar(select(Study).where(Study.study_uid == study_uid))
-            return session.scalar(
-                select(Study).where(Study.accession_number == accession_number).order_by(Study.id.desc()).limit(1)
-            )
+                return session.scalar(_STUDY_BY_UID, {"uid": study_uid})
+            return session.scalar(_STUDY_BY_ACCESSION, {"accession": accession_number})
 
     def studies(self, pks: Sequence[int]) -> dict[int, Study]:
         with self._sessions() as session:
-            return {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(pks)))}
+            return {s.id: s for s in session.scalars(_STUDIES, {"pks": list(pks)})}
 
     def held_syntaxes(self) -> list[tuple[str, str]]:
         """Each (SOP Class UID, transfer syntax) pair the node holds instances in (read once at start)."""
@@ -505,14 +529,8 @@ class Catalog:
         """For each study that has one, (SOPInstanceUID, stored path) of the image that shows it: the first
         received of its embedded images, else of all its images (one not embedded yet, or failed)."""
         first: dict[int, tuple[str, str]] = {}
-        with self._sessions() as session:
-            rows = session.execute(
-                select(Series.study_pk, Instance.sop_uid, Instance.path)
-                .join(Series, Instance.series_pk == Series.id)
-                .where(Series.study_pk.in_(study_pks), Instance.kind == Kind.IMAGE)
-                .order_by((Instance.state != State.INDEXED), Instance.id)
-            )
-            for study_pk, sop_uid, path in rows:
+        with self.engine.connect() as connection:
+            for study_pk, sop_uid, path in connection.execute(_FIRST_IMAGES, {"pks": list(study_pks)}):
                 first.setdefault(study_pk, (sop_uid, path))
         return first
 
@@ -546,10 +564,8 @@ class Catalog:
 
     def current_reports(self, study_pks: Sequence[int]) -> dict[int, str]:
         """The text of each study's current report (SR or HL7), for studies that have one."""
-        with self._sessions() as session:
-            return dict(session.execute(
-                select(Report.study_pk, Report.text).where(Report.study_pk.in_(study_pks), Report.current.is_(True))
-            ).all())
+        with self.engine.connect() as connection:
+            return dict(connection.execute(_CURRENT_REPORTS, {"pks": list(study_pks)}).all())
 
     def state_counts(self) -> dict[str, int]:
         """How many images and reports are in each state, e.g. {"image.pending": 3}."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ CALIBRATION_FORMAT = 1
 MIN_POSITIVES = 10  # positives a finding needs among the fitting studies to be calibrated (and shown)
 MAX_SHOWN = 3
 NO_FINDING = OBSERVATIONS.index("No Finding")
+_DISEASES = [i for i in range(len(OBSERVATIONS)) if i != NO_FINDING]
 SIMILARITY_BINS = 40
 
 
@@ -53,12 +55,24 @@ class Calibration:
     similarity: tuple[tuple[float, float], ...]  # (cosine, match probability) knots, cosine ascending
     fitted_on: dict[str, Any]
 
+    @cached_property
+    def _platt(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each finding's slope, intercept (NaN where uncalibrated) and threshold (inf there), as arrays built once:
+        the node asks for the findings of every answer of every query."""
+        return (np.array([np.nan if f.slope is None else f.slope for f in self.findings]),
+                np.array([np.nan if f.intercept is None else f.intercept for f in self.findings]),
+                np.array([np.inf if f.threshold is None else f.threshold for f in self.findings]))
+
+    @cached_property
+    def _knots(self) -> np.ndarray:
+        """The similarity knots as two arrays, cosines and probabilities (built once)."""
+        return np.array(self.similarity).T
+
     def probabilities(self, label_scores: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of stored ``sigmoid(P^T v)`` scores ((14,) or (n, 14)); NaN where uncalibrated."""
         stored = np.clip(np.asarray(label_scores, dtype=np.float64), 1e-7, 1 - 1e-7)
         raw = np.log(stored / (1 - stored))
-        slope = np.array([np.nan if f.slope is None else f.slope for f in self.findings])
-        intercept = np.array([np.nan if f.intercept is None else f.intercept for f in self.findings])
+        slope, intercept, _ = self._platt
         return 1.0 / (1.0 + np.exp(-(slope * raw + intercept)))
 
     def positive(self, label_scores: np.ndarray) -> np.ndarray:
@@ -66,23 +80,25 @@ class Calibration:
 
         "No Finding" counts as positive only when no other finding is.
         """
-        p = self.probabilities(label_scores)
-        threshold = np.array([np.inf if f.threshold is None else f.threshold for f in self.findings])
-        positive = np.nan_to_num(p, nan=-1.0) >= threshold
-        disease = np.delete(positive, NO_FINDING, axis=-1).any(axis=-1)
+        return self._positive(self.probabilities(label_scores))
+
+    def _positive(self, p: np.ndarray) -> np.ndarray:
+        """``positive`` of the calibrated probabilities ``p`` (NaN, uncalibrated, compares False)."""
+        positive = p >= self._platt[2]
+        disease = positive[..., _DISEASES].any(axis=-1)
         positive[..., NO_FINDING] &= ~disease
         return positive
 
     def shown_findings(self, label_scores: np.ndarray) -> list[tuple[str, float]]:
         """The findings a reader sees for one study: at most MAX_SHOWN, most probable first, with p."""
         p = self.probabilities(label_scores)
-        positive = self.positive(label_scores)
-        order = [i for i in np.argsort(-np.nan_to_num(p, nan=-1.0), kind="stable") if positive[i]]
+        shown = np.flatnonzero(self._positive(p))
+        order = shown[np.argsort(-p[shown], kind="stable")]
         return [(OBSERVATIONS[i], float(p[i])) for i in order[:MAX_SHOWN]]
 
     def match_probability(self, cosine: float | np.ndarray) -> float | np.ndarray:
         """Probability that an answer at this cosine shares a finding with the query (isotonic fit)."""
-        x, y = np.array(self.similarity).T
+        x, y = self._knots
         value = np.interp(cosine, x, y)
         return float(value) if np.ndim(value) == 0 else value
 

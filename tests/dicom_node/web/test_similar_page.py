@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
@@ -19,6 +21,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.server import Node
 from dicom_node.status import Status
+from dicom_node.web.similar_page import find_answer, similar_request
 from tests.dicom_node.builders import dx_from_png, save, undecodable
 from tests.dicom_node.web.conftest import DICOMWEB, INJECTION, OHIF, STONE, WebNode, start_web_node
 from tests.helpers import dcmtk, free_port
@@ -124,8 +127,12 @@ def test_json_carries_the_same_answer(web_node: WebNode) -> None:
         assert set(case["finding_scores"]) >= {f["name"] for f in case["findings"]}
         assert case["thumbnail"].startswith("/thumbnails/") and case["viewers"].keys() == {"ohif", "stone", "weasis"}
         assert (case["reference_case"] is None) == case["same_patient"]
+        assert "DX" in case["modalities"]
     identifiers = {s.patient_id for s in web_node.studies[2:]} | {s.accession for s in web_node.studies[1:]}
     assert not any(identifier in api.text for identifier in identifiers)
+    # every field of the answer, as dataclasses.asdict gives it (the route builds the JSON without it)
+    direct = find_answer(web_node.node.services, similar_request(query.uid, "", {}), lambda uid: f"/thumbnails/{uid}.jpg")
+    assert answer == json.loads(json.dumps(asdict(direct)))
 
 
 def test_by_accession_number_and_options(web_node: WebNode) -> None:
