@@ -58,10 +58,12 @@ _WRITERS = {
     "AT": _tags,
 }
 
-# Per message type: (keyword, element header) of its command elements after the group length, in tag order.
+# Per message type: (keyword, tag, writer) of its command elements after the group length, in tag order.
 _LAYOUTS = {
     name: sorted(
-        ((keyword, tag_for_keyword(keyword)) for keyword in keywords if keyword != "CommandGroupLength"),
+        ((keyword, tag, _WRITERS[dictionary_VR(tag)])
+         for keyword, tag in ((keyword, tag_for_keyword(keyword)) for keyword in keywords)
+         if keyword != "CommandGroupLength"),
         key=lambda item: item[1],
     )
     for name, keywords in _COMMAND_SET_KEYWORDS.items()
@@ -85,7 +87,7 @@ def command_set(primitive: Any) -> bytes:
     preceded by the group length. NotWritten when a value is not one written here."""
     name = message_class(primitive).__name__.replace("_", "-")
     elements = bytearray()
-    for keyword, tag in _LAYOUTS[name]:
+    for keyword, tag, write in _LAYOUTS[name]:
         if keyword == "CommandField":
             value: Any = _COMMAND_FIELD[name]
         elif keyword == "CommandDataSetType":
@@ -96,7 +98,7 @@ def command_set(primitive: Any) -> bytes:
                 continue
         else:
             value = None
-        data = b"" if value is None else _WRITERS[dictionary_VR(tag)](value)
+        data = b"" if value is None else write(value)
         elements += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(data)) + data
     return struct.pack("<HHLL", 0, 0, 4, len(elements)) + elements
 

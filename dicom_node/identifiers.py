@@ -22,6 +22,7 @@ _ENCODINGS = convert_encodings(RESPONSE_CHARSET)
 TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
                       "UR", "UT"})
 Element = DataElement | RawDataElement
+_CHARSET, _LEVEL, _RETRIEVE_AE = Tag("SpecificCharacterSet"), Tag("QueryRetrieveLevel"), Tag("RetrieveAETitle")
 
 
 def text_element(tag: int, vr: str, value: str | int | Iterable[str | int] | None) -> RawDataElement:
@@ -60,8 +61,8 @@ def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: 
              extra: Iterable[Element] = ()) -> Dataset:
     """Every key the request named, with the held value or empty; plus level, charset, where to retrieve and
     the ``extra`` elements given."""
-    elements = [text_element(0x00080005, "CS", RESPONSE_CHARSET), text_element(0x00080052, "CS", level),
-                text_element(0x00080054, "AE", retrieve_ae), *extra]
+    elements = [text_element(_CHARSET, "CS", RESPONSE_CHARSET), text_element(_LEVEL, "CS", level),
+                text_element(_RETRIEVE_AE, "AE", retrieve_ae), *extra]
     for element in request:
         keyword = element.keyword
         if not keyword or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from config.settings import QuerySettings
 from dicom_node.errors import NodeError
@@ -28,6 +29,7 @@ from models.calibration import Calibration
 from models.observations import OBSERVATIONS
 
 PRIVATE_GROUP = 0x0099
+STUDY_DESCRIPTION = Tag("StudyDescription")
 PRIVATE_CREATOR = "MMDL SIMILARITY 1.0"
 # Element offsets inside the private block: request keys ...
 TOP_K, MIN_SCORE, EXCLUDE_SAME_PATIENT, FINDINGS_FILTER = 0x01, 0x02, 0x03, 0x04
@@ -260,7 +262,7 @@ def hit_identifier(
         )
     ]
     return response(request, "STUDY", {**values, "StudyDescription": description}, retrieve_ae,
-                    [text_element(0x00081030, "LO", description), private_creator(PRIVATE_GROUP, PRIVATE_CREATOR),
+                    [text_element(STUDY_DESCRIPTION, "LO", description), private_creator(PRIVATE_GROUP, PRIVATE_CREATOR),
                      *private])
 
 
