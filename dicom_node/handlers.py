@@ -65,11 +65,13 @@ class Services:
     sheets: ReferenceSheets | None = None  # the reference-sheet option of similar-case queries
 
 
-def status(code: Status, comment: str = "") -> Dataset:
+def status(code: Status, comment: str = "") -> Dataset | int:
+    """What a handler answers: the bare code (pynetdicom takes an int), or with a comment a status dataset."""
+    if not comment:
+        return int(code)
     ds = Dataset()
     ds.Status = int(code)
-    if comment:
-        ds.ErrorComment = comment[:64]
+    ds.ErrorComment = comment[:64]
     return ds
 
 
@@ -191,7 +193,7 @@ def handle_echo(event: Event) -> int:
     return Status.SUCCESS
 
 
-def handle_store(event: Event, services: Services) -> Dataset:
+def handle_store(event: Event, services: Services) -> Dataset | int:
     """Keep the dataset exactly as received, catalog it, and only then answer success; pynetdicom deletes
     the received file afterwards unless it was kept."""
     received = event.dataset_path  # pynetdicom wrote it there as it arrived (chunked receive)
