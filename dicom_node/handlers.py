@@ -65,11 +65,13 @@ class Services:
     sheets: ReferenceSheets | None = None  # the reference-sheet option of similar-case queries
 
 
-def status(code: Status, comment: str = "") -> Dataset:
+def status(code: Status, comment: str = "") -> Dataset | int:
+    """What a handler answers: the bare code (pynetdicom takes an int), or with a comment a status dataset."""
+    if not comment:
+        return int(code)
     ds = Dataset()
     ds.Status = int(code)
-    if comment:
-        ds.ErrorComment = comment[:64]
+    ds.ErrorComment = comment[:64]
     return ds
 
 
@@ -146,6 +148,16 @@ def _reject(event: Event, reason: tuple[int, int, int]) -> None:
 
 
 _ABORTING: weakref.WeakSet[Any] = weakref.WeakSet()
+_ACCEPTED: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _accepted_ids(assoc: Any) -> frozenset[int]:
+    """The IDs of the presentation contexts accepted on ``assoc``, read once per association: they are fixed
+    before any P-DATA-TF arrives, and a large dataset arrives as tens of them."""
+    ids = _ACCEPTED.get(assoc)
+    if ids is None:
+        ids = _ACCEPTED[assoc] = frozenset(context.context_id for context in assoc.accepted_contexts)
+    return ids
 
 
 def handle_pdu_received(event: Event) -> None:
@@ -155,8 +167,7 @@ def handle_pdu_received(event: Event) -> None:
     items = getattr(event.pdu, "presentation_data_value_items", None)
     if not items:
         return
-    accepted = {context.context_id for context in event.assoc.accepted_contexts}
-    refused = sorted({item.presentation_context_id for item in items} - accepted)
+    refused = sorted({item.presentation_context_id for item in items} - _accepted_ids(event.assoc))
     if refused:
         items.clear()
         if event.assoc not in _ABORTING:  # later PDUs may arrive before the abort goes out
@@ -182,7 +193,7 @@ def handle_echo(event: Event) -> int:
     return Status.SUCCESS
 
 
-def handle_store(event: Event, services: Services) -> Dataset:
+def handle_store(event: Event, services: Services) -> Dataset | int:
     """Keep the dataset exactly as received, catalog it, and only then answer success; pynetdicom deletes
     the received file afterwards unless it was kept."""
     received = event.dataset_path  # pynetdicom wrote it there as it arrived (chunked receive)

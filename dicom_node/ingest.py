@@ -13,6 +13,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import Tag
+from pydicom.valuerep import VR
 
 from dicom_node.errors import NodeError
 from dicom_node.retrieve import HeldSyntaxes
@@ -37,6 +39,7 @@ class IngestResult:
 
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def _ends_with(path: Path, suffix: bytes) -> bool:
@@ -49,11 +52,13 @@ def _ends_with(path: Path, suffix: bytes) -> bool:
 
 
 def check_pixel_data(ds: Dataset, received: Path) -> None:
-    """Refuse pixel data cut short in transit: pydicom reads a truncated last element without complaint."""
+    """Refuse pixel data cut short in transit: pydicom reads a truncated last element without complaint.
+    Works on the element as read (never converted here), its value possibly left in the file: what the file holds from the value's offset
+    on, up to its declared length, must cover what the image attributes call for."""
     if "PixelData" not in ds or "DataSetTrailingPadding" in ds:
         return
-    element = ds["PixelData"]
-    if element.is_undefined_length:  # encapsulated: the fragments must end with their delimiter
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if element.length == _UNDEFINED_LENGTH:  # encapsulated: the fragments must end with their delimiter
         if not _ends_with(received, _SEQUENCE_DELIMITER):
             raise NodeError("encapsulated pixel data is not terminated (truncated dataset)")
         return
@@ -61,7 +66,10 @@ def check_pixel_data(ds: Dataset, received: Path) -> None:
         expected = get_expected_length(ds)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise NodeError(f"pixel data without valid image attributes ({error})") from None
-    actual = len(element.value or b"")
+    if element.value is None:  # deferred: left in the file, which may end before the declared length
+        actual = max(0, min(element.length, received.stat().st_size - element.value_tell))
+    else:
+        actual = len(element.value)
     if actual < expected:
         raise NodeError(f"pixel data truncated: {actual} of {expected} bytes")
 
@@ -69,13 +77,29 @@ def check_pixel_data(ds: Dataset, received: Path) -> None:
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
+# Values longer than this are left in the file while it is read (the pixel data, which is never decoded here).
+_DEFER_BYTES = 64 * 1024
+_PIXEL_DATA = Tag("PixelData")
+
+
+def _decode_elements(ds: Dataset) -> None:
+    """Decode every element of ``ds`` and of its sequence items, so that a malformed one raises here. Pixel
+    data is left as read: raw bytes, nothing to decode, possibly still in the file."""
+    for tag in ds.keys():
+        if tag != _PIXEL_DATA:
+            element = ds[tag]
+            if element.VR == VR.SQ:
+                for item in element.value:
+                    _decode_elements(item)
+
+
 def read_received(received: Path) -> Dataset:
-    """The dataset pynetdicom wrote to ``received``, decoded whole; NodeError when it cannot be understood:
-    not parsable, empty or without any identifying attribute (bytes that are not DICOM: pydicom reads much of
-    that without complaint), or pixel data cut short."""
+    """The dataset pynetdicom wrote to ``received``, every element but the pixel data decoded and large values
+    left in the file; NodeError when it cannot be understood: not parsable, empty or without any identifying
+    attribute (bytes that are not DICOM: pydicom reads much of that without complaint), or pixel data cut short."""
     try:
-        ds = dcmread(received)
-        ds.walk(lambda *_: None)  # decode every element now, so that a malformed one is refused here
+        ds = dcmread(received, defer_size=_DEFER_BYTES)
+        _decode_elements(ds)
     except Exception as error:  # a malformed encoding can raise many error types inside pydicom
         raise NodeError(f"dataset cannot be parsed ({type(error).__name__})") from None
     if not any(keyword in ds for keyword in _IDENTIFYING):

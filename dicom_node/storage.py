@@ -14,6 +14,7 @@ from indexer.durable import fsync_directory
 # Digits and dots, no empty component, at most 64 characters: nothing that can climb out of a folder.
 # (Leading zeros, which PS3.5 forbids, are still accepted: real archives have them and they are path-safe.)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_STORED = re.compile(rf"{_UID.pattern}/{_UID.pattern}/{_UID.pattern}\.dcm")  # relative_path's shape
 INCOMING = ".incoming"
 
 
@@ -41,6 +42,7 @@ class FileStore:
         self.incoming = root / INCOMING
         self.min_free_bytes = min_free_bytes
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._real_root = root.resolve()  # once: resolving follows every component of the path
         # Study and series folders created but whose entry in their parent is not fsynced yet: whoever stores
         # into one of them fsyncs that parent too, so no success is answered before the whole path is durable.
         self._unsynced: set[Path] = set()
@@ -56,8 +58,12 @@ class FileStore:
         return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
 
     def absolute(self, relative: str) -> Path:
+        """Where ``relative`` lies: a path of the store's own shape (``relative_path``'s: UIDs, which cannot
+        climb out) joined to the resolved root as it is; any other resolved and refused if it leaves the root."""
+        if _STORED.fullmatch(relative):
+            return self._real_root / relative
         path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        if not path.is_relative_to(self._real_root):
             raise NodeError(f"path {relative!r} leaves the storage folder")
         return path
 

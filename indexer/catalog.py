@@ -11,7 +11,7 @@ import enum
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from sqlalchemy import (
     delete,
     distinct,
     event,
+    exists,
     func,
     insert,
     inspect,
@@ -58,15 +59,24 @@ LOG = logging.getLogger(__name__)
 
 # Statements of the receive path, built once so that a received instance pays only for executing them.
 _STUDY_PK = select(Study.id).where(Study.study_uid == bindparam("uid"))
-_SERIES_ROW = select(Series.id, Series.study_pk).where(Series.series_uid == bindparam("uid"))
 _INSTANCE_STUDY_UID = (select(Study.study_uid).join(Series, Series.study_pk == Study.id)
                        .join(Instance, Instance.series_pk == Series.id).where(Instance.sop_uid == bindparam("uid")))
+# Held reports that name a study: by its UID, or by its accession number when they name no UID.
+_HELD_NAMING_STUDY = or_(HeldReport.study_uid == bindparam("uid"),
+                         (HeldReport.study_uid == "") & (bindparam("accession") != "")
+                         & (HeldReport.accession_number == bindparam("accession")))
 _HELD_FOR_STUDY = (
     select(HeldReport.id, HeldReport.source_uid, HeldReport.text, HeldReport.report_time, HeldReport.source)
-    .where(or_(HeldReport.study_uid == bindparam("uid"),
-               (HeldReport.study_uid == "") & (bindparam("accession") != "")
-               & (HeldReport.accession_number == bindparam("accession"))))
-    .order_by(HeldReport.report_time, HeldReport.id)
+    .where(_HELD_NAMING_STUDY).order_by(HeldReport.report_time, HeldReport.id)
+)
+_SERIES_NAMED = Series.series_uid == bindparam("series_uid")
+# What add_instance needs to know before writing, in one round trip (NULL where absent): the study's key, the
+# series' key and its study's, whether held reports name the study.
+_STUDY_AND_SERIES = select(
+    _STUDY_PK.scalar_subquery().label("study_pk"),
+    select(Series.id).where(_SERIES_NAMED).scalar_subquery().label("series_pk"),
+    select(Series.study_pk).where(_SERIES_NAMED).scalar_subquery().label("series_study_pk"),
+    exists().where(_HELD_NAMING_STUDY).label("held_reports"),
 )
 _INSERT_STUDY = insert(Study).returning(Study.id)
 _INSERT_SERIES = insert(Series).returning(Series.id)
@@ -274,24 +284,27 @@ class Catalog:
     ) -> AddOutcome:
         """Record a stored instance (and the report it carries) in one transaction.
 
-        Core statements built once, on primary keys, no ORM objects: this runs once per received instance."""
+        Core statements built once, on primary keys, no ORM objects, one look-up before the inserts: this runs
+        once per received instance. (The attrs dataclasses hold plain values: ``vars`` is their row.)"""
         try:
             with self.engine.begin() as connection:
-                study_pk = connection.scalar(_STUDY_PK, {"uid": study.study_uid})
+                known = connection.execute(_STUDY_AND_SERIES, {"uid": study.study_uid, "series_uid": series.series_uid,
+                                                               "accession": study.accession_number}).one()
+                study_pk = known.study_pk
                 if study_pk is None:
-                    study_pk = connection.scalar(_INSERT_STUDY, asdict(study))
-                    self._attach_held(connection, study_pk, study.study_uid, study.accession_number)
-                row = connection.execute(_SERIES_ROW, {"uid": series.series_uid}).first()
-                if row is None:
-                    series_pk = connection.scalar(_INSERT_SERIES, {**asdict(series), "study_pk": study_pk})
-                elif row.study_pk != study_pk:
+                    study_pk = connection.scalar(_INSERT_STUDY, vars(study))
+                    if known.held_reports:
+                        self._attach_held(connection, study_pk, study.study_uid, study.accession_number)
+                if known.series_pk is None:
+                    series_pk = connection.scalar(_INSERT_SERIES, {**vars(series), "study_pk": study_pk})
+                elif known.series_study_pk != study_pk:
                     raise IndexerError(
                         f"series {series.series_uid} already belongs to another study; instance {instance.sop_uid} refused"
                     )
                 else:
-                    series_pk = row.id
+                    series_pk = known.series_pk
                 state = State.PENDING if instance.kind is Kind.IMAGE else State.SKIPPED
-                connection.execute(_INSERT_INSTANCE, {**asdict(instance), "series_pk": series_pk, "state": state})
+                connection.execute(_INSERT_INSTANCE, {**vars(instance), "series_pk": series_pk, "state": state})
                 if report is not None:
                     self._add_report(connection, study_pk, instance.sop_uid, report)
         except IntegrityError:

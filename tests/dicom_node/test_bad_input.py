@@ -143,6 +143,18 @@ def test_truncated_garbage_and_mismatched_datasets(node: Node, keeper: tuple[str
     assert still_serving(node)
 
 
+def test_large_pixel_data_cut_short_is_refused(node: Node, keeper: tuple[str, bytes]) -> None:
+    """Pixel data large enough to be left in the received file while it is read (not loaded) is still checked
+    against the file's end: cut short it is refused; whole, the same instance is stored."""
+    whole = encoded(dx_synthetic(generate_uid(), "BIG", "BIG1", size=512))  # 512 KiB of pixel data
+    assoc = scu(node)
+    for cut in (1, 2, 300_000):
+        assert raw_store(assoc, whole[:-cut]) == Status.CANNOT_UNDERSTAND
+    assert raw_store(assoc, whole) == Status.SUCCESS
+    assoc.release()
+    assert Path(keeper[0]).read_bytes() == keeper[1]
+
+
 def test_absurd_pdu_lengths(node: Node, keeper: tuple[str, bytes]) -> None:
     rss_before = _rss_bytes()
     for pdu_type in (0x01, 0x04, 0x07, 0x55):  # A-ASSOCIATE-RQ, P-DATA-TF, A-ABORT, unknown

@@ -33,8 +33,10 @@ def test_keep_renames_the_received_file_into_place(tmp_path: Path) -> None:
     store.keep(relative, received)
     assert (tmp_path / "storage" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm").read_bytes() == b"DICM-bytes"
     assert not received.exists()
-    with pytest.raises(NodeError):
-        store.absolute("../outside.dcm")
+    assert store.absolute(relative) == (tmp_path / "storage").resolve() / relative
+    for outside in ("../outside.dcm", "1.2/../../outside.dcm", "/etc/passwd", "1.2/3/../../../x.dcm"):
+        with pytest.raises(NodeError):
+            store.absolute(outside)
 
 
 def test_leftovers_in_incoming_are_removed_once_old_enough(tmp_path: Path) -> None:
