@@ -53,8 +53,8 @@ def _ends_with(path: Path, suffix: bytes) -> bool:
 
 def check_pixel_data(ds: Dataset, received: Path) -> None:
     """Refuse pixel data cut short in transit: pydicom reads a truncated last element without complaint.
-    Works on the element as read (never converted here), its value possibly left in the file: what the file holds from the value's offset
-    on, up to its declared length, must cover what the image attributes call for."""
+    Works on the element as read (never converted here), its value possibly left in the file: what the file
+    holds from the value's offset on, up to its declared length, must cover what the image attributes call for."""
     if "PixelData" not in ds or "DataSetTrailingPadding" in ds:
         return
     element = ds.get_item("PixelData", keep_deferred=True)
