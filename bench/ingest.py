@@ -4,7 +4,8 @@ beside the disk's own rate for writing the same bytes with fsync.
 For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and number of parallel
 associations (1, one per core, 4), it writes a fresh set of files (new UIDs, same bytes: the node acknowledges a
 UID it already holds without writing it again), then times storescu to the node, storescu to
-storescp, and writing + fsync of the same bytes into the node's data dir's file system. The node
+storescp, and writing + fsync of the same bytes into the node's data dir's file system, and the node's CPU
+time per image over its storescu run. The node
 runs with its embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
 measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over
 rounds) and a Markdown table. Run from the repository root:
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from bench.query import load, machine, serve
+from bench.query import cpu_seconds, load, machine, serve
 from tests.dicom_node.builders import dx_from_pixels
 from tests.helpers import dcmtk_env, free_port, port_open
 
@@ -113,6 +114,7 @@ def main() -> int:
                            stdout=open(folder / "storescp.log", "wb"), stderr=subprocess.STDOUT)
     rates: dict[tuple[str, int, str], list[float]] = {}
     loads: dict[tuple[str, int], list[str]] = {}
+    node_cpu: dict[tuple[str, int], list[float]] = {}  # the node's CPU ms per image
     try:
         wait_port(node_port, node, "mmdl-node")
         wait_port(scp_port, scp, "storescp")
@@ -122,8 +124,11 @@ def main() -> int:
                 for parallel in PARALLEL:
                     files = write_files(folder / "files", side, count)
                     loads.setdefault((size, parallel), []).append(load())
+                    cpu_before = cpu_seconds(node.pid)
+                    node_seconds = storescu(node_port, "MMDL_NODE", files, parallel)
+                    node_cpu.setdefault((size, parallel), []).append((cpu_seconds(node.pid) - cpu_before) * 1000 / count)
                     timings = {
-                        "mmdl-node": storescu(node_port, "MMDL_NODE", files, parallel),
+                        "mmdl-node": node_seconds,
                         "storescp": storescu(scp_port, "STORESCP", files, parallel),
                         "disk_fsync": durable_writes(folder / "data" / "fsync-bench", files, parallel),
                     }
@@ -145,6 +150,7 @@ def main() -> int:
                       "rounds": args.rounds, **{f"{t}_per_s": round(v, 1) for t, v in median.items()},
                       "node_vs_storescp": round(median["mmdl-node"] / median["storescp"], 2),
                       "node_vs_disk": round(median["mmdl-node"] / median["disk_fsync"], 2),
+                      "node_cpu_ms_per_image": round(statistics.median(node_cpu[(size, parallel)]), 2),
                       "node_vs_one_association": round(
                           median["mmdl-node"] / statistics.median(rates[(size, 1, "mmdl-node")]), 2),
                       "all_rounds": {t: [round(r, 1) for r in rates[(size, parallel, t)]] for t in median},
@@ -152,11 +158,13 @@ def main() -> int:
             print(json.dumps(figure))
             rows.append(figure)
     print(f"\n{machine()}; images/s, median of {args.rounds} rounds\n")
-    print("| size | assocs | mmdl-node | storescp | disk+fsync | node/storescp | node/disk | node/one assoc | load at start |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| size | assocs | mmdl-node | storescp | disk+fsync | node/storescp | node/disk | node/one assoc | "
+          "node CPU ms/image | load at start |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['size']} | {r['associations']} | {r['mmdl-node_per_s']} | {r['storescp_per_s']} | "
               f"{r['disk_fsync_per_s']} | {r['node_vs_storescp']} | {r['node_vs_disk']} | {r['node_vs_one_association']} | "
+              f"{r['node_cpu_ms_per_image']} | "
               f"{'; '.join(r['load_at_round_start'])} |")
     return 0
 

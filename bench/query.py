@@ -5,8 +5,8 @@ Populates --work/query-N-mM-efcE with `bench populate` unless it is already ther
 `mmdl-node serve` on it (web server on), and times --queries similar-case C-FINDs for random studies from
 three clients taking turns: a blocking one (bench/dicom_client.py, as compiled viewers are: the node's own
 latency), pynetdicom's with TCP_NODELAY and with Nagle's algorithm on (pynetdicom's requestor polls, which
-adds its own waits); then the blocking client alone, query after query (one viewer, nothing else on the node
-meanwhile: taking turns, each query also shares the machine with the end of the previous client's association);
+adds its own waits); then the blocking client alone, query after query, with the node's CPU time per query (one viewer, nothing
+else on the node meanwhile: taking turns, each query also shares the machine with the end of the previous client's association);
 then GET /api/studies/{uid}/similar on one kept-alive HTTP connection, and the C-FINDs on one open association. Recall@10 compares the node's answers with numpy brute force over the catalog's
 vectors (the query study excluded, as the node excludes it). Prints one JSON line per figure and a Markdown
 table. Run from the repository root:
@@ -55,6 +55,12 @@ def rss_mib(pid: int) -> dict[str, float]:
     """The process's resident memory now (VmRSS) and at its peak (VmHWM), MiB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, user and system, all threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(config: Path, log: Path, tree: Path | None = None) -> subprocess.Popen[bytes]:
@@ -292,10 +298,12 @@ def main() -> int:
             figures.append({**base, "figure": f"similar_find_round_trip_ms_{client}", "queries": len(ms),
                             **percentiles(ms),
                             "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
-        load_before = load()
+        load_before, cpu_before = load(), cpu_seconds(node.pid)
         ms = np.array([blocking_round_trip(port, synthetic_uid(row + 1))[0] for row in picks.tolist()]) * 1000
+        node_cpu_ms = (cpu_seconds(node.pid) - cpu_before) * 1000 / len(ms)
         figures.append({**base, "figure": "similar_find_round_trip_ms_client_blocking_alone", "queries": len(ms),
-                        **percentiles(ms), "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
+                        **percentiles(ms), "max": round(float(ms.max()), 2),
+                        "node_cpu_ms_per_query": round(node_cpu_ms, 2), "load": f"{load_before} -> {load()}"})
         load_before = load()
         ms = http_round_trips(web_port, [synthetic_uid(row + 1) for row in picks.tolist()])
         figures.append({**base, "figure": "similar_http_json_ms_keep_alive", "queries": len(ms), **percentiles(ms),
