@@ -1,16 +1,17 @@
 """Ingest: the same images by dcmtk `storescu` to the node and to dcmtk `storescp`, alternated in one run,
 beside the disk's own rate for writing the same bytes with fsync.
 
-For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and number of parallel
-associations (1, one per core, 4), it writes a fresh set of files (new UIDs, same bytes: the node acknowledges a
-UID it already holds without writing it again), then times storescu to the node, storescu to
-storescp, and writing + fsync of the same bytes into the node's data dir's file system, and the node's CPU
-time per image over its storescu run. The node
-runs with its embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
-measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over
-rounds) and a Markdown table. Run from the repository root:
+For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and number of parallel associations
+(1, one per core, 4), it writes a fresh set of files (new UIDs, same bytes: the node acknowledges a UID it already
+holds without writing it again), then times storescu to the node (and, with --baseline-tree, to a second node
+served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
+of the same bytes into the node's data dir's file system; and each node's CPU time per image over its storescu
+run. The nodes run with their embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
+measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over rounds) and a
+Markdown table. Run from the repository root:
 
     .venv/bin/python -m bench.ingest --rounds 3
+    .venv/bin/python -m bench.ingest --rounds 3 --baseline-tree /work/before   # a worktree of an earlier commit
 """
 from __future__ import annotations
 
@@ -100,72 +101,82 @@ def main() -> int:
     parser.add_argument("--count-small", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
     parser.add_argument("--node-tree", type=Path, help="serve from this checkout of the node (before/after runs)")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="also serve a node from this checkout (an earlier commit) and time both in turns")
     args = parser.parse_args()
     args.work = args.work.resolve()
 
     folder = args.work / "ingest"
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "storescp").mkdir(parents=True)
-    node_port, scp_port = free_port(), free_port()
-    (folder / "node.toml").write_text(f'[node]\nhost = "127.0.0.1"\nport = {node_port}\ndata_dir = "data"\n'
-                                      f'[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
-    node = serve(folder / "node.toml", folder / "node.log", args.node_tree)
+    trees = {"mmdl-node": args.node_tree, **({"baseline-node": args.baseline_tree} if args.baseline_tree else {})}
+    nodes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    for name, tree in trees.items():
+        port = free_port()
+        (folder / f"{name}.toml").write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{name}-data"\n'
+                                           f'[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
+        nodes[name] = serve(folder / f"{name}.toml", folder / f"{name}.log", tree), port
+    scp_port = free_port()
     scp = subprocess.Popen(["storescp", "-od", str(folder / "storescp"), str(scp_port)], env=dcmtk_env(),
                            stdout=open(folder / "storescp.log", "wb"), stderr=subprocess.STDOUT)
     rates: dict[tuple[str, int, str], list[float]] = {}
     loads: dict[tuple[str, int], list[str]] = {}
-    node_cpu: dict[tuple[str, int], list[float]] = {}  # the node's CPU ms per image
+    node_cpu: dict[tuple[str, int, str], list[float]] = {}  # each node's CPU ms per image
     try:
-        wait_port(node_port, node, "mmdl-node")
+        for name, (process, port) in nodes.items():
+            wait_port(port, process, name)
         wait_port(scp_port, scp, "storescp")
-        for _ in range(args.rounds):
+        for round_number in range(args.rounds):
             for size, side in SIZES.items():
                 count = args.count_8mb if size == "8MB" else args.count_small
                 for parallel in PARALLEL:
                     files = write_files(folder / "files", side, count)
                     loads.setdefault((size, parallel), []).append(load())
-                    cpu_before = cpu_seconds(node.pid)
-                    node_seconds = storescu(node_port, "MMDL_NODE", files, parallel)
-                    node_cpu.setdefault((size, parallel), []).append((cpu_seconds(node.pid) - cpu_before) * 1000 / count)
-                    timings = {
-                        "mmdl-node": node_seconds,
-                        "storescp": storescu(scp_port, "STORESCP", files, parallel),
-                        "disk_fsync": durable_writes(folder / "data" / "fsync-bench", files, parallel),
-                    }
+                    timings = {}
+                    names = list(nodes)
+                    for name in names[round_number % len(names):] + names[:round_number % len(names)]:
+                        process, port = nodes[name]
+                        cpu_before = cpu_seconds(process.pid)
+                        timings[name] = storescu(port, "MMDL_NODE", files, parallel)
+                        node_cpu.setdefault((size, parallel, name), []).append(
+                            (cpu_seconds(process.pid) - cpu_before) * 1000 / count)
+                    timings["storescp"] = storescu(scp_port, "STORESCP", files, parallel)
+                    timings["disk_fsync"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel)
                     shutil.rmtree(folder / "storescp")
                     (folder / "storescp").mkdir()
                     for target, seconds in timings.items():
                         rates.setdefault((size, parallel, target), []).append(count / seconds)
     finally:
-        for process in (node, scp):
+        for process in [scp, *(process for process, _ in nodes.values())]:
             process.terminate()
             process.wait(timeout=300)
     shutil.rmtree(folder / "files", ignore_errors=True)
 
     rows = []
+    targets = [*nodes, "storescp", "disk_fsync"]
     for size in SIZES:
         for parallel in PARALLEL:
-            median = {t: statistics.median(rates[(size, parallel, t)]) for t in ("mmdl-node", "storescp", "disk_fsync")}
+            median = {t: statistics.median(rates[(size, parallel, t)]) for t in targets}
             figure = {"bench": "ingest", "machine": machine(), "size": size, "associations": parallel,
                       "rounds": args.rounds, **{f"{t}_per_s": round(v, 1) for t, v in median.items()},
+                      **{f"{name}_cpu_ms_per_image": round(statistics.median(node_cpu[(size, parallel, name)]), 2)
+                         for name in nodes},
                       "node_vs_storescp": round(median["mmdl-node"] / median["storescp"], 2),
                       "node_vs_disk": round(median["mmdl-node"] / median["disk_fsync"], 2),
-                      "node_cpu_ms_per_image": round(statistics.median(node_cpu[(size, parallel)]), 2),
                       "node_vs_one_association": round(
                           median["mmdl-node"] / statistics.median(rates[(size, 1, "mmdl-node")]), 2),
                       "all_rounds": {t: [round(r, 1) for r in rates[(size, parallel, t)]] for t in median},
                       "load_at_round_start": loads[(size, parallel)]}
             print(json.dumps(figure))
             rows.append(figure)
-    print(f"\n{machine()}; images/s, median of {args.rounds} rounds\n")
-    print("| size | assocs | mmdl-node | storescp | disk+fsync | node/storescp | node/disk | node/one assoc | "
-          "node CPU ms/image | load at start |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n{machine()}; images/s, median of {args.rounds} rounds; node CPU ms per image\n")
+    columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes), "node_vs_storescp",
+               "node_vs_disk", "node_vs_one_association"]
+    print("| size | assocs | " + " | ".join(columns) + " | load at start |")
+    print("| --- " * (len(columns) + 3) + "|")
     for r in rows:
-        print(f"| {r['size']} | {r['associations']} | {r['mmdl-node_per_s']} | {r['storescp_per_s']} | "
-              f"{r['disk_fsync_per_s']} | {r['node_vs_storescp']} | {r['node_vs_disk']} | {r['node_vs_one_association']} | "
-              f"{r['node_cpu_ms_per_image']} | "
-              f"{'; '.join(r['load_at_round_start'])} |")
+        print(f"| {r['size']} | {r['associations']} | " + " | ".join(str(r[c]) for c in columns) +
+              f" | {'; '.join(r['load_at_round_start'])} |")
     return 0
 
 
