@@ -243,12 +243,11 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
     if wants_sheet and answers and services.sheets is not None:
         services.sheets.request(event.identifier)
-    syntax = event.context.transfer_syntax
     for answer in answers:
         if event.is_cancelled:
             yield Status.CANCEL, None
             return
-        yield Status.PENDING, for_syntax(answer, syntax.is_implicit_VR, syntax.is_little_endian)
+        yield Status.PENDING, for_syntax(answer, event.context.transfer_syntax)
 
 
 def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
@@ -260,13 +259,11 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
         return
     count = 0
     retrieve_ae = called_ae(event)
-    syntax = event.context.transfer_syntax
     for values in services.catalog.matches(matching_keys(request), level):
         if event.is_cancelled:
             yield Status.CANCEL, None
             return
-        yield Status.PENDING, for_syntax(response(request, level, values, retrieve_ae), syntax.is_implicit_VR,
-                                         syntax.is_little_endian)
+        yield Status.PENDING, for_syntax(response(request, level, values, retrieve_ae), event.context.transfer_syntax)
         count += 1
     LOG.info("C-FIND from %s at %s level: %d matches", calling_ae(event), level, count)
 

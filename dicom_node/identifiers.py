@@ -16,6 +16,7 @@ from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
 
 RESPONSE_CHARSET = "ISO_IR 192"  # the catalog holds decoded text; answer in UTF-8
 _ENCODINGS = convert_encodings(RESPONSE_CHARSET)
@@ -48,12 +49,12 @@ def answer_dataset(elements: Iterable[Element]) -> Dataset:
     return identifier
 
 
-def for_syntax(identifier: Dataset, implicit_vr: bool, little_endian: bool) -> Dataset:
-    """``identifier`` (from `answer_dataset`) declared in the encoding it is about to be written in (its raw
-    elements are text, the same bytes in every uncompressed syntax), so that pydicom writes them without
-    converting them first."""
+def for_syntax(identifier: Dataset, syntax: UID) -> Dataset:
+    """``identifier`` (from `answer_dataset`) declared in the uncompressed transfer ``syntax`` it is about to be
+    written in (its raw elements are text, the same bytes in every uncompressed syntax), so that pydicom writes
+    them without converting them first."""
     if identifier.original_encoding != (None, None):
-        identifier.set_original_encoding(implicit_vr, little_endian, _ENCODINGS)
+        identifier.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian, _ENCODINGS)
     return identifier
 
 
