@@ -17,11 +17,10 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import AMBIGUOUS_VR, STR_VR
 
 RESPONSE_CHARSET = "ISO_IR 192"  # the catalog holds decoded text; answer in UTF-8
 _ENCODINGS = convert_encodings(RESPONSE_CHARSET)
-TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
-                      "UR", "UT"})
 Element = DataElement | RawDataElement
 _CHARSET, _LEVEL, _RETRIEVE_AE = Tag("SpecificCharacterSet"), Tag("QueryRetrieveLevel"), Tag("RetrieveAETitle")
 
@@ -44,7 +43,7 @@ def answer_dataset(elements: Iterable[Element]) -> Dataset:
     resolves it as it writes."""
     by_tag = {element.tag: element for element in elements}
     identifier = Dataset(by_tag)
-    if not any(" or " in (element.VR or "") for element in by_tag.values() if not element.is_raw):
+    if not any(element.VR in AMBIGUOUS_VR for element in by_tag.values() if not element.is_raw):
         identifier.set_original_encoding(True, True, _ENCODINGS)
     return identifier
 
@@ -61,19 +60,19 @@ def for_syntax(identifier: Dataset, syntax: UID) -> Dataset:
 def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: str,
              extra: Iterable[Element] = ()) -> Dataset:
     """Every key the request named, with the held value or empty; plus level, charset, where to retrieve and
-    the ``extra`` elements given."""
+    the ``extra`` elements given, which take the place of a requested key of the same tag."""
     elements = [text_element(_CHARSET, "CS", RESPONSE_CHARSET), text_element(_LEVEL, "CS", level),
-                text_element(_RETRIEVE_AE, "AE", retrieve_ae), *extra]
+                text_element(_RETRIEVE_AE, "AE", retrieve_ae)]
     for element in request:
         keyword = element.keyword
         if not keyword or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
             continue
         value = values.get(keyword)
-        if element.VR in TEXT_VRS:
+        if element.VR in STR_VR:
             elements.append(text_element(element.tag, element.VR, value))
         else:
             elements.append(DataElement(element.tag, element.VR, None if value in (None, "") else value))
-    return answer_dataset(elements)
+    return answer_dataset([*elements, *extra])
 
 
 def private_tag(group: int, offset: int) -> BaseTag:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from copy import copy
 from collections.abc import Callable, Iterable, Iterator
+from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -29,7 +29,6 @@ from models.calibration import Calibration
 from models.observations import OBSERVATIONS
 
 PRIVATE_GROUP = 0x0099
-STUDY_DESCRIPTION = Tag("StudyDescription")
 PRIVATE_CREATOR = "MMDL SIMILARITY 1.0"
 # Element offsets inside the private block: request keys ...
 TOP_K, MIN_SCORE, EXCLUDE_SAME_PATIENT, FINDINGS_FILTER = 0x01, 0x02, 0x03, 0x04
@@ -37,6 +36,7 @@ REFERENCE_SHEET = 0x05  # CS YES: also build the reference sheet of these answer
 # ... and answer keys.
 SCORE, RANK, MODEL_VERSION, PREDICTED_FINDINGS, FINDING_SCORES, ORIGINAL_DESCRIPTION = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15
 MATCH_PROBABILITY, FINDING_PROBABILITIES = 0x16, 0x17
+STUDY_DESCRIPTION = Tag("StudyDescription")  # in an answer: rank, match and findings for a plain viewer
 
 
 class UnknownStudyError(NodeError):
@@ -261,7 +261,7 @@ def hit_identifier(
             (FINDING_PROBABILITIES, "DS", [f"{p:.4f}" for _, p in shown]),
         )
     ]
-    return response(request, "STUDY", {**values, "StudyDescription": description}, retrieve_ae,
+    return response(request, "STUDY", values, retrieve_ae,
                     [text_element(STUDY_DESCRIPTION, "LO", description), private_creator(PRIVATE_GROUP, PRIVATE_CREATOR),
                      *private])
 
