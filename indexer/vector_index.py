@@ -7,12 +7,10 @@ the catalog rows that changed after it, or the index is rebuilt from the catalog
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import hnswlib
 import numpy as np
 
 from indexer.catalog import Catalog
+from indexer.children import die_with
 from indexer.durable import fsync_directory
 from indexer.errors import IndexerError
 
@@ -32,10 +31,6 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 POINTER = "current.json"
 WRITER_TIMEOUT_S = 900.0  # a snapshot writer still running after this is killed (and the snapshot retried)
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# Resolved here, in the parent: a forked child must not call dlopen/dlsym (another thread may have held
-# the loader's lock at the fork).
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _detach_from(parent: int) -> None:
@@ -43,10 +38,7 @@ def _detach_from(parent: int) -> None:
     close when the parent closes them), and be killed when ``parent`` dies (Linux), so that no writer
     outlives a killed node and leaves a file behind after the next start cleaned up."""
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+    die_with(parent)
 
 
 def _wait_for(pid: int, timeout_s: float) -> int:
