@@ -6,6 +6,7 @@ import re
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from dicom_node.errors import NodeError
@@ -16,6 +17,7 @@ from indexer.durable import fsync_directory
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _STORED = re.compile(rf"{_UID.pattern}/{_UID.pattern}/{_UID.pattern}\.dcm")  # relative_path's shape
 INCOMING = ".incoming"
+_DURABLE_FOLDERS = 4096  # folders remembered as durable (an LRU; one forgotten is fsynced into its parent again)
 
 
 def check_uid(value: object, name: str) -> str:
@@ -43,9 +45,10 @@ class FileStore:
         self.min_free_bytes = min_free_bytes
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._real_root = root.resolve()  # once: resolving follows every component of the path
-        # Study and series folders created but whose entry in their parent is not fsynced yet: whoever stores
-        # into one of them fsyncs that parent too, so no success is answered before the whole path is durable.
-        self._unsynced: set[Path] = set()
+        # Study and series folders whose entry in their parent this process has fsynced, most recent last. Any
+        # other folder, found or created, may have been created by a thread or a receiver process that has not
+        # fsynced its parent yet: it is fsynced into its parent once before anything stored in it is answered.
+        self._durable: OrderedDict[Path, None] = OrderedDict()
         self._folders = threading.Lock()
 
     def has_room(self, incoming: int = 0) -> bool:
@@ -69,29 +72,33 @@ class FileStore:
 
     def keep(self, relative: str, received: Path) -> None:
         """Make ``received`` (a file in ``incoming``) the stored instance: fsync it, rename it into place,
-        fsync the series folder, then the study folder when the series folder is new and the storage root
-        when the study folder is new. After this returns the instance survives a crash."""
+        fsync the series folder, then the study folder and the storage root unless the series and study folders'
+        own entries are known durable. After this returns the instance survives a crash."""
         final = self.absolute(relative)
-        new_folders = self._make_folders(final.parent)
+        unsynced = self._make_folders(final.parent)
         with received.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(received, final)
         fsync_directory(final.parent)
-        for folder in new_folders:  # the series folder first, then the study folder
+        for folder in unsynced:  # the series folder first, then the study folder
             fsync_directory(folder.parent)
             with self._folders:
-                self._unsynced.discard(folder)
+                self._durable[folder] = None
+                if len(self._durable) > _DURABLE_FOLDERS:
+                    self._durable.popitem(last=False)
 
     def _make_folders(self, series_folder: Path) -> list[Path]:
         """Create the study and series folders where missing; return those whose entry in their parent is not
-        yet durable (created now, or by another thread that has not fsynced the parent yet), series first."""
-        study_folder = series_folder.parent
+        known durable, series first."""
+        folders = (series_folder, series_folder.parent)
         with self._folders:
-            for folder in (study_folder, series_folder):
-                if not folder.is_dir():
-                    folder.mkdir()
-                    self._unsynced.add(folder)
-            return [folder for folder in (series_folder, study_folder) if folder in self._unsynced]
+            unsynced = [folder for folder in folders if folder not in self._durable]
+            for folder in folders:
+                if folder in self._durable:
+                    self._durable.move_to_end(folder)
+        for folder in reversed(unsynced):  # known durable means existing: only the others may be missing
+            folder.mkdir(exist_ok=True)
+        return unsynced
 
     def remove(self, relative: str) -> None:
         """Delete a stored instance (its catalog row was not committed) and make the deletion durable."""

@@ -82,3 +82,21 @@ def test_a_folder_created_by_another_store_is_made_durable_before_returning(tmp_
     assert [folder for name, folder in synced if name == "first"] == [series, series.parent, store.root]
     assert [folder for name, folder in synced if name != "first"] == [series, store.root]
     assert (series / "1.2.3.2.dcm").read_bytes() == b"b"
+
+
+def test_a_folder_found_is_made_durable_once_by_each_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver process (or the node after a restart) storing into a series folder another process created must
+    not answer success before that folder's entries are durable: the first time it stores there it fsyncs the
+    study folder and the storage root too; after that, the series folder only."""
+    synced: list[Path] = []
+    monkeypatch.setattr(storage, "fsync_directory", synced.append)
+    creator, other = FileStore(tmp_path / "storage"), FileStore(tmp_path / "storage")
+    series = creator.root / "1.2" / "1.2.3"
+    for store, sop_uid in ((creator, "1.2.3.1"), (other, "1.2.3.2"), (other, "1.2.3.3"), (creator, "1.2.3.4")):
+        received = store.incoming / f"{sop_uid}.dcm"
+        received.write_bytes(sop_uid.encode())
+        synced.clear()
+        store.keep(store.relative_path("1.2", "1.2.3", sop_uid), received)
+        expected = [series, series.parent, store.root] if sop_uid in ("1.2.3.1", "1.2.3.2") else [series]
+        assert synced == expected, sop_uid
+        assert (series / f"{sop_uid}.dcm").read_bytes() == sop_uid.encode()
