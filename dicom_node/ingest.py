@@ -4,9 +4,13 @@ Used by the C-STORE handler; it never decodes pixel data and never imports torch
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +119,38 @@ def key_values(ds: Dataset, level: str) -> dict[str, str]:
             for keyword, key in keys_of_level(level).items()}
 
 
-class Ingestor:
-    """Stores datasets; one lock stripe per SOP Instance UID keeps resends of one instance in order."""
+class Stripes:
+    """Locks over stripes of SOP Instance UIDs, each held across the threads of a process and across the processes
+    storing into one store (the node and its receivers: a lock file per stripe in ``folder``), so that two copies
+    of one instance arriving at once are stored one after the other."""
 
-    def __init__(self, store: FileStore, catalog: Catalog, held: HeldSyntaxes) -> None:
+    def __init__(self, folder: Path, count: int = 64) -> None:
+        folder.mkdir(exist_ok=True)
+        self._paths = [folder / f"stripe-{number}.lock" for number in range(count)]
+        for path in self._paths:
+            path.touch(mode=0o600)
+        self._threads = [threading.Lock() for _ in range(count)]
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        number = zlib.crc32(key.encode()) % len(self._paths)  # the same stripe in every process (hash() is not)
+        with self._threads[number]:  # a lock file is held per open file: it does not exclude the process' threads
+            descriptor = os.open(self._paths[number], os.O_RDWR)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(descriptor)  # releases the lock
+
+
+class Ingestor:
+    """Stores datasets; a lock per stripe of SOP Instance UIDs keeps resends of one instance in order."""
+
+    def __init__(self, store: FileStore, catalog: Catalog, held: HeldSyntaxes, locks: Path) -> None:
         self.store = store
         self.catalog = catalog
         self.held = held  # the (SOP class, syntax) pairs held, which C-GET negotiation prefers
-        self._stripes = [threading.Lock() for _ in range(64)]
+        self.stripes = Stripes(locks)
 
     def ingest(self, ds: Dataset, received: Path, sop_class_uid: str, transfer_syntax: str, calling_ae: str) -> IngestResult:
         """Keep ``received`` (the dataset as received, with its file meta, in the store's ``incoming``
@@ -149,7 +177,7 @@ class Ingestor:
         if report is not None and not report.text:
             report = None  # an SR without any text is kept and retrievable, but there is nothing to embed
 
-        with self._stripes[hash(sop_uid) % len(self._stripes)]:
+        with self.stripes.hold(sop_uid):
             held_in = self.catalog.find_instance_study(sop_uid)
             if held_in is not None:
                 return self._duplicate(sop_uid, held_in == study_uid)

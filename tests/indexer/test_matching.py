@@ -33,7 +33,7 @@ class Node:
         self.url = f"sqlite:///{folder / 'catalog.sqlite3'}"
         self.catalog = Catalog(self.url)
         self.store = FileStore(folder / "store")
-        self.ingestor = Ingestor(self.store, self.catalog, HeldSyntaxes([]))
+        self.ingestor = Ingestor(self.store, self.catalog, HeldSyntaxes([]), folder / "locks")
 
     def receive(self, study_uid: str, patient_id: str, accession: str, **attributes: str) -> Dataset:
         ds = dx_synthetic(study_uid, patient_id, accession, size=8)
