@@ -46,6 +46,9 @@ class NodeSettings(_Section):
     network_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     message_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+    # Receiver processes for storage associations (dicom_node.receivers), to receive on several cores; 0: every
+    # association in the node's own process. Without TLS only: a TLS connection cannot change process.
+    receivers: Annotated[int, Field(ge=0, le=64)] = 0
 
     @model_validator(mode="after")
     def _distinct_titles(self) -> NodeSettings:
@@ -293,6 +296,13 @@ class Settings(_Section):
     backfill: BackfillSettings = BackfillSettings()
     reference_sheet: ReferenceSheetSettings = ReferenceSheetSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _receivers_without_tls(self) -> Settings:
+        if self.node.receivers and self.tls.enabled:
+            raise ValueError("node.receivers needs tls.enabled = false: a TLS connection cannot be handed to a "
+                             "receiver process")
+        return self
 
     @model_validator(mode="after")
     def _sheet_destination_is_a_peer(self) -> Settings:

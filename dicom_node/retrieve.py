@@ -154,9 +154,13 @@ class HeldSyntaxes:
         for sop_class, syntax in pairs:
             self.add(sop_class, syntax)
 
-    def add(self, sop_class: str, syntax: str) -> None:
+    def add(self, sop_class: str, syntax: str) -> bool:
+        """Note that an instance of ``sop_class`` is held in ``syntax``; whether the pair is new."""
         with self._lock:
-            self._held.setdefault(sop_class, set()).add(syntax)
+            syntaxes = self._held.setdefault(sop_class, set())
+            new = syntax not in syntaxes
+            syntaxes.add(syntax)
+            return new
 
     def only(self, sop_class: str) -> str | None:
         """The one syntax every held instance of ``sop_class`` is in, if there is one."""

@@ -8,31 +8,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import evt
 
 from config.settings import Settings, TlsSettings
-from dicom_node.handlers import (
-    NO_DELAY,
-    Services,
-    handle_accepted,
-    handle_echo,
-    handle_find,
-    handle_get,
-    handle_move,
-    handle_pdu_received,
-    handle_requested,
-    handle_store,
-)
+from dicom_node.acceptor import build_ae, storage_handlers
+from dicom_node.handlers import Services, handle_find, handle_get, handle_move
 from dicom_node.hl7 import Hl7Listener
 from dicom_node.ingest import Ingestor
 from dicom_node.metrics import CatalogCollector, Metrics, MetricsServer, health
 from dicom_node.process import configure_process
+from dicom_node.receivers import Receivers
 from dicom_node.retrieve import HeldSyntaxes
 from dicom_node.reference_sheet import ReferenceSheets
-from dicom_node.sop_classes import IMAGE_STORAGE, QUERY_RETRIEVE, REPORT_STORAGE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
 from dicom_node.storage import FileStore
-from dicom_node.upper_layer import WaitingAE
+from dicom_node.upper_layer import WaitingServer
 from dicom_node.watchdog import AssociationWatchdog
 from dicom_node.web.app import create_app
 from dicom_node.web.render import Renderer
@@ -78,23 +67,6 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext | None:
     return context
 
 
-def build_ae(settings: Settings) -> AE:
-    node = settings.node
-    ae = WaitingAE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = node.max_pdu_size
-    ae.acse_timeout = node.acse_timeout_s
-    ae.dimse_timeout = node.dimse_timeout_s
-    ae.network_timeout = node.network_timeout_s
-    ae.require_called_aet = True  # handle_requested sets the acceptor title to the one called, if ours
-    for sop_class in (*IMAGE_STORAGE, *REPORT_STORAGE):
-        # SCP role to receive; SCU role too, so C-GET can send back on the requestor's association
-        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
-    for sop_class in (VERIFICATION, *QUERY_RETRIEVE):
-        ae.add_supported_context(sop_class, UNCOMPRESSED)
-    return ae
-
-
 class Node:
     """Owns every part of a running node; ``start`` serves, ``stop`` shuts down cleanly.
 
@@ -132,7 +104,7 @@ class Node:
             LOG.warning("model in %s has no calibration (mmdl-node calibrate): answers show no findings",
                         model_directory(settings))
         held = HeldSyntaxes(self.catalog.held_syntaxes())
-        ingestor = Ingestor(self.store, self.catalog, held)
+        ingestor = Ingestor(self.store, self.catalog, held, data_dir / "locks")
         self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor, self.renderer,
                                       calibration)
         self.services = Services(settings, self.catalog, self.store, ingestor, self.index, self.metrics,
@@ -149,7 +121,8 @@ class Node:
         self.scheduler = JobScheduler()
         self.watchdog = AssociationWatchdog(settings.node.message_timeout_s)
         self.ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: WaitingServer | None = None
+        self.receivers: Receivers | None = None
         self.hl7: Hl7Listener | None = None
         self.http: MetricsServer | None = None
         self.web: WebServer | None = None
@@ -171,20 +144,18 @@ class Node:
     def _start(self) -> None:
         services = self.services
         handlers = [
-            *NO_DELAY,
-            (evt.EVT_REQUESTED, handle_requested, [services]),
-            (evt.EVT_ACCEPTED, handle_accepted),
-            (evt.EVT_PDU_RECV, handle_pdu_received),
-            (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [services]),
+            *storage_handlers(services, self.watchdog),
             (evt.EVT_C_FIND, handle_find, [services]),
             (evt.EVT_C_MOVE, handle_move, [services]),
             (evt.EVT_C_GET, handle_get, [services]),
-            *self.watchdog.handlers(),
         ]
         node = self.settings.node
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
+        if node.receivers:
+            self.receivers = Receivers(self.settings, self.metrics, services.held)
+            self.receivers.start()
+            self._server.hand_off = self.receivers.hand_off
         if self.settings.hl7.enabled:
             self.hl7 = Hl7Listener(self.settings.hl7, self.catalog, node.network_timeout_s, self._count_hl7,
                                    tls_context(self.settings.hl7.tls))
@@ -238,6 +209,9 @@ class Node:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
+            if self.receivers is not None:
+                self.receivers.stop()
+                self.receivers = None
             for listener in (self.hl7, self.http, self.web):
                 if listener is not None:
                     listener.stop()

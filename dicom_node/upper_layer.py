@@ -28,6 +28,7 @@ import queue
 import select
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -225,6 +226,13 @@ class WaitingRequestHandler(RequestHandler):
     negotiation only reads them, and the node's EVT_REQUESTED handler replaces a context it changes
     (`dicom_node.retrieve.prefer_stored_syntax`)."""
 
+    server: WaitingServer
+
+    def handle(self) -> None:
+        """Serve the connection here, unless the server hands it to another process."""
+        if self.server.hand_off is None or not self.server.hand_off(self.request):
+            super().handle()
+
     def _create_association(self) -> Association:
         ae, server = self.ae, self.server
         assoc = WaitingAssociation(ae, MODE_ACCEPTOR)
@@ -251,17 +259,35 @@ class WaitingServer(ThreadedAssociationServer):
     """pynetdicom's threaded server without its forced garbage collection: `service_actions` runs
     `gc.collect()` every 60th accepted connection or half-second poll, a full collection that holds the
     GIL for tens to hundreds of milliseconds with an index and a catalog in memory, stalling every
-    association of the process. Python's own collector still collects what associations leave behind."""
+    association of the process. Python's own collector still collects what associations leave behind.
+
+    ``hand_off``, when set, is offered each accepted connection first; when it returns True it has taken the
+    connection (`dicom_node.receivers`)."""
+
+    hand_off: Callable[[socket.socket], bool] | None = None
 
     def service_actions(self) -> None:
         pass
 
 
-class WaitingAE(AE):
-    """An AE whose servers are `WaitingServer`s accepting with `WaitingRequestHandler` (`start_server`
-    builds them through `make_server`)."""
+class HandedServer(WaitingServer):
+    """A server of connections another process accepted and handed over (`dicom_node.receivers`): it listens
+    nowhere; ``process_request`` serves each connection handed to it, as a listening server serves those it
+    accepts."""
 
-    def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["server_class"] = WaitingServer
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+
+class WaitingAE(AE):
+    """An AE whose servers are `WaitingServer`s serving with `WaitingRequestHandler` (`start_server` builds them
+    through `make_server`, asking for pynetdicom's class), or the `WaitingServer` subclass asked for."""
+
+    def make_server(self, *args: Any, server_class: type | None = None, **kwargs: Any) -> Any:
+        if server_class is None or not issubclass(server_class, WaitingServer):
+            server_class = WaitingServer
         kwargs.setdefault("request_handler", WaitingRequestHandler)
-        return super().make_server(*args, **kwargs)
+        return super().make_server(*args, server_class=server_class, **kwargs)

@@ -19,7 +19,7 @@ class NodeProcess:
 
     started: list["NodeProcess"] = []  # killed after each test (tests/conftest.py), even a failed one
 
-    def __init__(self, folder: Path, model_dir: Path, peer_port: int, extra: str = "") -> None:
+    def __init__(self, folder: Path, model_dir: Path, peer_port: int, extra: str = "", receivers: int = 0) -> None:
         self.port = free_port()
         self.data_dir = folder / "data"
         self.config = folder / "node.toml"
@@ -28,6 +28,7 @@ class NodeProcess:
 host = "127.0.0.1"
 port = {self.port}
 data_dir = "{self.data_dir}"
+receivers = {receivers}
 
 [[peers]]
 ae_title = "WORKSTATION"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from dicom_node.similar import PRIVATE_CREATOR, PRIVATE_GROUP, TOP_K
 from indexer.schema import Instance, State, Study
 from tests.dicom_node.builders import dx_synthetic, save
-from tests.helpers import dcmtk, free_port, wait_until
+from tests.helpers import dcmtk, dcmtk_env, free_port, wait_until
 from tests.node_process import NodeProcess
 
 pytestmark = pytest.mark.slow
@@ -100,5 +101,55 @@ def test_kill_9_during_index_snapshots(tmp_path: Path, random_model_dir: Path) -
         wait_until(lambda: rng.random() < 0.3, 5, "a random moment")
         node.stop(signal.SIGKILL)
     node.start()
+    check_consistent(node, sent)
+    node.stop()
+
+
+def acknowledged(log: str) -> list[str]:
+    """The SOP Instance UIDs (file names) storescu -v was told were stored."""
+    done, sending = [], ""
+    for line in log.splitlines():
+        if line.startswith("I: Sending file: "):
+            sending = Path(line.removeprefix("I: Sending file: ")).stem
+        elif line.startswith("I: Received Store Response (Success)"):
+            done.append(sending)
+    return done
+
+
+def test_kill_9_while_receivers_store(tmp_path: Path, random_model_dir: Path) -> None:
+    """kill -9 of the node while its two receiver processes store from two senders: the receivers die with it, and
+    after a restart every instance a sender was told was stored is there; resent, every instance is held once."""
+    node = NodeProcess(tmp_path, random_model_dir, free_port(), receivers=2)
+    node.start()
+    wait_until(lambda: sum(" receiver process " in line and line.endswith(" ready")
+                           for line in node.log.read_text().splitlines()) == 2, 60, "both receivers ready")
+    assert node.process is not None
+    receivers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(node.process.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+    assert len(receivers) == 2
+    batches = [[save(dx_synthetic(generate_uid(), f"RK{b}-{i}", f"K{b}-{i}", size=1024, seed=1000 * b + i),
+                     tmp_path / f"send{b}") for i in range(45)] for b in range(2)]
+    senders = [subprocess.Popen(["storescu", "-v", "-aec", "MMDL_NODE", "127.0.0.1", str(node.port), *map(str, files)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+               for files in batches]
+    wait_until(lambda: counts(node)[0] >= 10, 120, "the receivers storing")
+    node.stop(signal.SIGKILL)
+    logs = [sender.communicate(timeout=120)[0] for sender in senders]
+    told = [uid for log in logs for uid in acknowledged(log)]
+    assert 10 <= len(told) < 90, "the kill came mid-transfer"
+    for pid in receivers:
+        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 30, f"receiver {pid} gone with the node")
+
+    node.start()
+    catalog = node.catalog()
+    with catalog.session() as session:
+        held = {row.sop_uid: row.path for row in session.query(Instance)}
+    catalog.close()
+    assert set(told) <= set(held)
+    assert all((node.data_dir / "storage" / path).is_file() for path in held.values())
+    sent = [path.stem for files in batches for path in files]
+    for files in batches:  # the senders send again what they sent, as a PACS retries a failed job
+        result = dcmtk("storescu", "-aec", "MMDL_NODE", "127.0.0.1", node.port, *files, timeout=300)
+        assert result.returncode == 0, result.stderr
     check_consistent(node, sent)
     node.stop()

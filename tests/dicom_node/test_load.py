@@ -89,9 +89,14 @@ def test_25_associations_times_40_instances(start_node: Callable[..., Node]) -> 
     assert len(stored) == 1000
 
 
-def test_20_senders_resending_one_study_store_it_once(start_node: Callable[..., Node], tmp_path: Path) -> None:
-    """20 storescu processes at once, each sending the same 50-instance study five times over."""
-    node = start_node(scheduler={"batch_size": 64})
+@pytest.mark.parametrize("receivers", [0, 2])
+def test_20_senders_resending_one_study_store_it_once(start_node: Callable[..., Node], tmp_path: Path,
+                                                      receivers: int) -> None:
+    """20 storescu processes at once, each sending the same 50-instance study five times over; with receiver
+    processes, copies of one instance arrive in several processes at once."""
+    node = start_node(node={"receivers": receivers}, scheduler={"batch_size": 64})
+    if node.receivers is not None:
+        wait_until(lambda: len(node.receivers.ready()) == receivers, 60, "the receivers ready")
     study, series = generate_uid(), generate_uid()
     files = []
     for i in range(50):
@@ -105,6 +110,7 @@ def test_20_senders_resending_one_study_store_it_once(start_node: Callable[..., 
                for _ in range(20)]
     logs = [sender.communicate(timeout=600)[0] for sender in senders]
     assert [log.count("Received Store Response (Success)") for log in logs] == [250] * 20
+    assert node.receivers is None or node.receivers.handed == 20
     wait_until(lambda: all(s is State.INDEXED for s in instance_states(node).values()) and len(node.index) == 1,
                300, "the study indexed")
     assert len(instance_states(node)) == 50

@@ -1,0 +1,129 @@
+"""Receiver processes: storage associations handed to them are stored, counted and indexed as the node's own; every
+other association stays with the node; a receiver that dies leaves its share to the node."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+from dicom_node.receivers import associate_request, receiver_serves
+from dicom_node.server import Node
+from indexer.schema import Instance
+from tests.dicom_node.builders import dx_synthetic, save
+from tests.dicom_node.peers import find, indexed, study_query
+from tests.helpers import dcmtk, dcmtk_env, wait_until
+
+
+def request_bytes(called: str) -> bytes:
+    """The A-ASSOCIATE-RQ dcmtk's echoscu sends, captured on a bare listening socket."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        echoscu = subprocess.Popen(["echoscu", "-aec", called, "127.0.0.1", str(server.getsockname()[1])],
+                                   env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        connection, _ = server.accept()
+        with connection:
+            connection.settimeout(10)
+            data = connection.recv(6)
+            while len(data) < 6 + int.from_bytes(data[2:6], "big"):
+                data += connection.recv(65536)
+        echoscu.wait(30)
+    return data
+
+
+def test_the_request_is_read_by_a_peek_and_left_in_the_socket() -> None:
+    data = request_bytes("MMDL_NODE")
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        threading.Timer(0.05, peer.sendall, [data[3:]]).start()  # the request arrives in two parts
+        peer.sendall(data[:3])
+        request = associate_request(ours, timeout_s=5)
+        assert request is not None and request.called_ae_title == "MMDL_NODE"
+        assert receiver_serves(request, "MMDL_NODE") and not receiver_serves(request, "MMDL_SIMILAR")
+        ours.settimeout(5)
+        assert ours.recv(len(data), socket.MSG_WAITALL) == data  # still there for whoever serves it
+        peer.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # an A-ABORT first: not a request
+        assert associate_request(ours, timeout_s=1) is None
+        ours.recv(64)
+        started = time.monotonic()
+        assert associate_request(ours, timeout_s=0.3) is None  # nothing comes
+        assert time.monotonic() - started < 2
+
+
+def storescu(node: Node, files: list[Path], calling: str = "PACS") -> subprocess.CompletedProcess[str]:
+    return dcmtk("storescu", "-aet", calling, "-aec", "MMDL_NODE", "127.0.0.1", node.port, *files)
+
+
+def failures(node: Node, reason: str) -> float:
+    return node.metrics.registry.get_sample_value("mmdl_failures_total", {"reason": reason}) or 0.0
+
+
+def test_storage_associations_are_received_by_receivers(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node(node={"receivers": 2}, access={"allowed_calling_aets": ["PACS", "VIEWER"]})
+    assert node.receivers is not None
+    wait_until(lambda: len(node.receivers.ready()) == 2, 60, "both receivers ready")
+    batches = [[save(dx_synthetic(generate_uid(), f"RCV{b}", f"R{b}-{i}", seed=10 * b + i), tmp_path / str(b))
+                for i in range(6)] for b in range(2)]
+    results: list[subprocess.CompletedProcess[str]] = []
+    senders = [threading.Thread(target=lambda files=files: results.append(storescu(node, files))) for files in batches]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
+    assert node.receivers.handed == 2
+
+    sent = {path.stem for files in batches for path in files}
+    with node.catalog.session() as session:
+        rows = {row.sop_uid: row for row in session.query(Instance)}
+        assert set(rows) == sent
+        syntaxes = {row.transfer_syntax for row in rows.values()}
+    assert all(dcmread(node.store.absolute(rows[path.stem].path)) == dcmread(path)
+               for files in batches for path in files)
+    counted = node.metrics.registry.get_sample_value("mmdl_received_instances_total", {"calling_ae": "PACS"})
+    assert counted == 12  # the receivers' stores in the node's counters
+    assert len(syntaxes) == 1 and node.services.held.only(DigitalXRayImageStorageForPresentation) in syntaxes
+    wait_until(indexed(node, 12), 120, "the received studies indexed by the node")
+
+    answers, final = find(node, study_query(PatientID="RCV1"), called="MMDL_NODE")  # query: the node serves it
+    assert final.Status == 0 and len(answers) == 6
+    assert dcmtk("echoscu", "-aet", "PACS", "-aec", "MMDL_SIMILAR", "127.0.0.1", node.port).returncode == 0
+    assert node.receivers.handed == 2
+    assert dcmtk("echoscu", "-aet", "PACS", "-aec", "MMDL_NODE", "127.0.0.1", node.port).returncode == 0
+    assert node.receivers.handed == 3  # verification alone: a receiver answers it
+
+    stranger = save(dx_synthetic(generate_uid(), "RCV9", "R9", seed=99), tmp_path / "stranger")
+    assert storescu(node, [stranger], calling="STRANGER").returncode != 0  # the receiver applies the policy
+    assert node.receivers.handed == 4
+    with node.catalog.session() as session:
+        assert session.query(Instance).filter_by(sop_uid=stranger.stem).count() == 0
+    assert failures(node, "receiver_exit") == 0
+
+    pids = node.receivers.ready()
+    node.stop()
+    for pid in pids:  # stopped with the node, and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_receiver_that_dies_leaves_its_share_to_the_node(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node(node={"receivers": 1})
+    assert node.receivers is not None
+    wait_until(lambda: len(node.receivers.ready()) == 1, 60, "the receiver ready")
+    first = save(dx_synthetic(generate_uid(), "DIE1", "D1", seed=1), tmp_path)
+    assert storescu(node, [first]).returncode == 0 and node.receivers.handed == 1
+    os.kill(node.receivers.ready()[0], signal.SIGKILL)
+    wait_until(lambda: not node.receivers.ready(), 30, "the node to notice")
+    assert failures(node, "receiver_exit") == 1
+    second = save(dx_synthetic(generate_uid(), "DIE2", "D2", seed=2), tmp_path)
+    assert storescu(node, [second]).returncode == 0 and node.receivers.handed == 1
+    with node.catalog.session() as session:
+        assert {row.sop_uid for row in session.query(Instance)} == {first.stem, second.stem}
