@@ -6,12 +6,13 @@ For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and numb
 holds without writing it again), then times storescu to the node (and, with --baseline-tree, to a second node
 served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
 of the same bytes into the node's data dir's file system; and each node's CPU time per image over its storescu
-run. The nodes run with their embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
+run, its receiver processes' included. The nodes run with their embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
 measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over rounds) and a
 Markdown table. Run from the repository root:
 
     .venv/bin/python -m bench.ingest --rounds 3
     .venv/bin/python -m bench.ingest --rounds 3 --baseline-tree /work/before   # a worktree of an earlier commit
+    .venv/bin/python -m bench.ingest --rounds 3 --receivers 2   # the node with two receiver processes
 """
 from __future__ import annotations
 
@@ -86,6 +87,13 @@ def durable_writes(folder: Path, files: list[Path], parallel: int) -> float:
     return seconds
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of the process and of its children (a node's receiver processes) so far."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
+
+
 def wait_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 300
     while not port_open(port):
@@ -103,6 +111,8 @@ def main() -> int:
     parser.add_argument("--node-tree", type=Path, help="serve from this checkout of the node (before/after runs)")
     parser.add_argument("--baseline-tree", type=Path,
                         help="also serve a node from this checkout (an earlier commit) and time both in turns")
+    parser.add_argument("--receivers", type=int, default=0,
+                        help="[node] receivers of the node (not of the baseline node); their CPU time is counted")
     args = parser.parse_args()
     args.work = args.work.resolve()
 
@@ -113,8 +123,9 @@ def main() -> int:
     nodes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     for name, tree in trees.items():
         port = free_port()
+        receivers = f"receivers = {args.receivers}\n" if name == "mmdl-node" and args.receivers else ""
         (folder / f"{name}.toml").write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{name}-data"\n'
-                                           f'[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
+                                           f'{receivers}[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
         nodes[name] = serve(folder / f"{name}.toml", folder / f"{name}.log", tree), port
     scp_port = free_port()
     scp = subprocess.Popen(["storescp", "-od", str(folder / "storescp"), str(scp_port)], env=dcmtk_env(),
@@ -126,6 +137,8 @@ def main() -> int:
         for name, (process, port) in nodes.items():
             wait_port(port, process, name)
         wait_port(scp_port, scp, "storescp")
+        if args.receivers:
+            time.sleep(5)  # receivers take connections ~1.5 s after the port opens (their "ready" line is at INFO)
         for round_number in range(args.rounds):
             for size, side in SIZES.items():
                 count = args.count_8mb if size == "8MB" else args.count_small
@@ -136,10 +149,10 @@ def main() -> int:
                     names = list(nodes)
                     for name in names[round_number % len(names):] + names[:round_number % len(names)]:
                         process, port = nodes[name]
-                        cpu_before = cpu_seconds(process.pid)
+                        cpu_before = tree_cpu_seconds(process.pid)
                         timings[name] = storescu(port, "MMDL_NODE", files, parallel)
                         node_cpu.setdefault((size, parallel, name), []).append(
-                            (cpu_seconds(process.pid) - cpu_before) * 1000 / count)
+                            (tree_cpu_seconds(process.pid) - cpu_before) * 1000 / count)
                     timings["storescp"] = storescu(scp_port, "STORESCP", files, parallel)
                     timings["disk_fsync"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel)
                     shutil.rmtree(folder / "storescp")

@@ -76,6 +76,20 @@ port = 105
     assert "repeated: V" in text
 
 
+def test_receivers_with_tls_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[node]
+receivers = 2
+[tls]
+enabled = true
+certificate = "server.crt"
+private_key = "server.key"
+""")
+    with pytest.raises(ConfigError, match="node.receivers needs tls.enabled = false"):
+        load_settings(path)
+    assert load_settings(write(tmp_path, "[node]\nreceivers = 2\n")).node.receivers == 2
+
+
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "[node\nport = 1"))
