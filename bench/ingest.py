@@ -6,7 +6,8 @@ For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and numb
 holds without writing it again), then times storescu to the node (and, with --baseline-tree, to a second node
 served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
 of the same bytes into the node's data dir's file system; and each node's CPU time per image over its storescu
-run, its receiver processes' included. The nodes run with their embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
+run, its receiver processes' included, and storescu's CPU time per image sending to the node (on a machine whose
+cores the senders share with the node, what is left for the node). The nodes run with their embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
 measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over rounds) and a
 Markdown table. Run from the repository root:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,9 +55,11 @@ def write_files(folder: Path, side: int, count: int) -> list[Path]:
     return paths
 
 
-def storescu(port: int, called: str, files: list[Path], parallel: int) -> float:
-    """Seconds for ``parallel`` storescu processes to send ``files`` (split evenly) over loopback."""
+def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[float, float]:
+    """(seconds, CPU seconds of the senders) for ``parallel`` storescu processes to send ``files`` (split evenly)
+    over loopback."""
     groups = [files[i::parallel] for i in range(parallel)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     processes = [subprocess.Popen(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, group)],
                                   env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -64,7 +68,9 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> float:
         _, err = process.communicate(timeout=600)
         if process.returncode != 0:
             raise SystemExit(f"storescu to {called} failed: {err.decode(errors='replace')[-2000:]}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def durable_writes(folder: Path, files: list[Path], parallel: int) -> float:
@@ -150,10 +156,11 @@ def main() -> int:
                     for name in names[round_number % len(names):] + names[:round_number % len(names)]:
                         process, port = nodes[name]
                         cpu_before = tree_cpu_seconds(process.pid)
-                        timings[name] = storescu(port, "MMDL_NODE", files, parallel)
+                        timings[name], sender_cpu = storescu(port, "MMDL_NODE", files, parallel)
                         node_cpu.setdefault((size, parallel, name), []).append(
                             (tree_cpu_seconds(process.pid) - cpu_before) * 1000 / count)
-                    timings["storescp"] = storescu(scp_port, "STORESCP", files, parallel)
+                        node_cpu.setdefault((size, parallel, f"{name}_storescu"), []).append(sender_cpu * 1000 / count)
+                    timings["storescp"] = storescu(scp_port, "STORESCP", files, parallel)[0]
                     timings["disk_fsync"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel)
                     shutil.rmtree(folder / "storescp")
                     (folder / "storescp").mkdir()
@@ -174,6 +181,8 @@ def main() -> int:
                       "rounds": args.rounds, **{f"{t}_per_s": round(v, 1) for t, v in median.items()},
                       **{f"{name}_cpu_ms_per_image": round(statistics.median(node_cpu[(size, parallel, name)]), 2)
                          for name in nodes},
+                      "storescu_cpu_ms_per_image": round(statistics.median(
+                          node_cpu[(size, parallel, "mmdl-node_storescu")]), 2),
                       "node_vs_storescp": round(median["mmdl-node"] / median["storescp"], 2),
                       "node_vs_disk": round(median["mmdl-node"] / median["disk_fsync"], 2),
                       "node_vs_one_association": round(
@@ -183,7 +192,8 @@ def main() -> int:
             print(json.dumps(figure))
             rows.append(figure)
     print(f"\n{machine()}; images/s, median of {args.rounds} rounds; node CPU ms per image\n")
-    columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes), "node_vs_storescp",
+    columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes),
+               "storescu_cpu_ms_per_image", "node_vs_storescp",
                "node_vs_disk", "node_vs_one_association"]
     print("| size | assocs | " + " | ".join(columns) + " | load at start |")
     print("| --- " * (len(columns) + 3) + "|")
