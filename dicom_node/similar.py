@@ -24,7 +24,7 @@ from dicom_node.identifiers import private_creator, private_tag, response, text_
 from dicom_node.status import Status
 from indexer.catalog import Catalog, from_blob
 from indexer.schema import Study
-from indexer.vector_index import VectorIndex
+from indexer.vector_index import IndexState, VectorIndex
 from models.calibration import Calibration
 from models.observations import OBSERVATIONS
 
@@ -60,7 +60,7 @@ class IndexLoadingError(NodeError):
 
     status = Status.INDEX_NOT_READY
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: IndexState) -> None:
         super().__init__("similarity index loading, retry shortly" if state == "loading"
                          else f"similarity index {state}, see the node's log")
 
