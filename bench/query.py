@@ -1,5 +1,7 @@
 """Similar-case query: round trips (a new association per query, as a viewer does; and over HTTP/JSON),
-recall@10 against exact search, and the node's start-up time and memory on a data dir of N synthetic studies.
+recall@10 against exact search, and the node's start-up and memory on a data dir of N synthetic studies: start-up
+to the DICOM port open (`startup_s`; the index then loads in the background) and to the first similar-case answer
+over HTTP (`index_ready_s`, with the longest HTTP answer meanwhile: the node's stall while hnswlib parses the snapshot).
 
 Populates --work/query-N-mM-efcE with `bench populate` unless it is already there, starts
 `mmdl-node serve` on it (web server on), and times --queries similar-case C-FINDs for random studies from
@@ -112,6 +114,31 @@ def blocking_round_trip(port: int, study_uid: str) -> tuple[float, list[str]]:
     uids = [str(answer.StudyInstanceUID) for answer in dicom_client.find(sock, FIND, similar_query(study_uid))]
     dicom_client.release(sock)
     return time.perf_counter() - start, uids
+
+
+def wait_for_index(port: int, study_uid: str, node: subprocess.Popen[bytes]) -> float:
+    """Poll GET /api/studies/{uid}/similar (a new connection each time) until it answers 200: the node answers
+    503 while its index loads. Returns the longest poll in ms: the node stalls while hnswlib parses the
+    snapshot it has read (``load_index`` holds the GIL)."""
+    longest = 0.0
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        start = time.perf_counter()
+        try:
+            connection.request("GET", f"/api/studies/{study_uid}/similar", headers={"Accept": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            status = response.status
+        except ConnectionError:  # the web server's port is not open yet
+            status = 0
+        finally:
+            connection.close()
+        longest = max(longest, time.perf_counter() - start)
+        if status == 200:
+            return longest * 1000
+        if status not in (0, 503) or node.poll() is not None:
+            raise SystemExit(f"the node did not load its index (HTTP {status})")
+        time.sleep(0.02)
 
 
 def http_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
@@ -271,9 +298,12 @@ def main() -> int:
             time.sleep(0.02)
         startup = time.monotonic() - started
         figures.append({**base, "figure": "startup_s", "value": round(startup, 2), "load": load()})
-        figures.append({**base, "figure": "rss_after_start_mib", **rss_mib(node.pid), "load": load()})
         rng = np.random.default_rng(1)
         picks = rng.choice(len(vectors), size=min(args.queries, len(vectors)), replace=False)
+        longest_ms = wait_for_index(web_port, synthetic_uid(int(picks[0]) + 1), node)
+        figures.append({**base, "figure": "index_ready_s", "value": round(time.monotonic() - started, 2),
+                        "longest_http_wait_ms": round(longest_ms, 1), "load": load()})
+        figures.append({**base, "figure": "rss_after_start_mib", **rss_mib(node.pid), "load": load()})
         similar_round_trip(port, synthetic_uid(int(picks[0]) + 1), True)  # warm-up: first association, page cache
         # Three clients on every study, taking turns at going first: a blocking one (as compiled viewers),
         # and pynetdicom's (which polls) with TCP_NODELAY and with Nagle's algorithm on.

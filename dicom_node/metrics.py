@@ -80,11 +80,14 @@ class CatalogCollector(Collector):
                                 value=self.catalog.held_report_count())
 
 
-def health(dicom_up: Callable[[], bool], catalog: Catalog) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, body): 200 when the DICOM server listens and the catalog answers, else 503."""
+def health(dicom_up: Callable[[], bool], catalog: Catalog, index: str) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body): 200 when the DICOM server listens and the catalog answers, else 503.
+
+    ``index`` (the similarity index: loading, ready, failed) is reported beside and changes no status: while it
+    loads the node stores, answers and retrieves as usual, so a load balancer must keep sending to it."""
     checks = {"dicom": dicom_up(), "catalog": catalog.reachable()}
     ok = all(checks.values())
-    return (200 if ok else 503), {"status": "ok" if ok else "unavailable", **checks}
+    return (200 if ok else 503), {"status": "ok" if ok else "unavailable", **checks, "index": index}
 
 
 class _Handler(BaseHTTPRequestHandler):

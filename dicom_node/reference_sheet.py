@@ -330,8 +330,10 @@ class ReferenceSheets:
     def create_for_new_studies(self, limit: int = 16) -> int:
         """The ``for_every_new_study`` job: one sheet for each indexed study received within
         ``new_study_max_age_h`` that has none yet. Its sheet's UID is fixed by the study, so a study is
-        never given two, across restarts too. Returns how many sheets were built."""
+        never given two, across restarts too; nothing while the index loads. Returns how many sheets were built."""
         built = 0
+        if not self.index.ready:
+            return built
         for study_uid in self._studies_without_sheet(limit):
             try:
                 self._build(self.default_request(study_uid), automatic_sheet_uid(study_uid), must_send=True)

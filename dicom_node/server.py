@@ -95,8 +95,9 @@ class Node:
         self.catalog = Catalog(settings.catalog_url)
         self.renderer = Renderer(self.store, data_dir / "thumbnails")  # pictures of stored images, for people
         params = HnswParams.from_settings(embedding_dim(model_directory(settings)), settings.index)
-        self.index = VectorIndex.open(params, data_dir / "index", self.catalog)
-        self._snapshot_seq = self.index.seq
+        # loaded (or rebuilt, caught up) in the background: the ports open meanwhile (dicom_node.similar
+        # refuses similar-case queries, the jobs skip their rounds, until it is ready)
+        self.index = VectorIndex.open_in_background(params, data_dir / "index", self.catalog)
         self.metrics = Metrics()
         self.metrics.registry.register(CatalogCollector(self.catalog, lambda: len(self.index)))
         calibration = load_calibration(model_directory(settings))
@@ -162,7 +163,7 @@ class Node:
             self.hl7.start()
         if self.settings.metrics.enabled:
             self.http = MetricsServer(self.settings.metrics, self.metrics.registry,
-                                      lambda: health(self.dicom_up, self.catalog))
+                                      lambda: health(self.dicom_up, self.catalog, self.index.state))
             self.http.start()
         if self.settings.web.enabled:
             self.web = WebServer(self.settings.web,
@@ -174,8 +175,8 @@ class Node:
         if self.settings.reference_sheet.for_every_new_study:
             self.scheduler.add("reference_sheets", self.sheets.create_for_new_studies, 5.0)
         self.scheduler.start()
-        LOG.info("node %s / %s listening on %s:%d, %d studies indexed", node.ae_title, node.similar_ae_title,
-                 node.host, self.port, len(self.index))
+        LOG.info("node %s / %s listening on %s:%d, similarity index %s", node.ae_title, node.similar_ae_title,
+                 node.host, self.port, self.index.state)
 
     def dicom_up(self) -> bool:
         """Whether the DICOM server is running and its socket open."""
@@ -199,10 +200,9 @@ class Node:
             self.metrics.failed(f"hl7_{code.lower()}")
 
     def snapshot(self) -> None:
-        """Snapshot the index when it changed since the last one."""
-        if self.index.seq != self._snapshot_seq:
+        """Snapshot the index when it changed since the last one; never while it loads."""
+        if self.index.ready and self.index.seq != self.index.saved_seq:
             self.index.snapshot()
-            self._snapshot_seq = self.index.seq
 
     def stop(self) -> None:
         with self._stop_lock:

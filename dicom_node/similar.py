@@ -24,7 +24,7 @@ from dicom_node.identifiers import private_creator, private_tag, response, text_
 from dicom_node.status import Status
 from indexer.catalog import Catalog, from_blob
 from indexer.schema import Study
-from indexer.vector_index import VectorIndex
+from indexer.vector_index import IndexState, VectorIndex
 from models.calibration import Calibration
 from models.observations import OBSERVATIONS
 
@@ -53,6 +53,16 @@ class NotIndexedError(NodeError):
 
     def __init__(self, study_uid: str) -> None:
         super().__init__(f"study not indexed yet, retry shortly: {study_uid}")
+
+
+class IndexLoadingError(NodeError):
+    """The similarity index is not ready: loading after a start (retry shortly), or its load failed (logged)."""
+
+    status = Status.INDEX_NOT_READY
+
+    def __init__(self, state: IndexState) -> None:
+        super().__init__("similarity index loading, retry shortly" if state == "loading"
+                         else f"similarity index {state}, see the node's log")
 
 
 @dataclass(frozen=True)
@@ -170,13 +180,16 @@ def query_study(catalog: Catalog, request: SimilarRequest) -> Study:
 def find_similar(
     catalog: Catalog, index: VectorIndex, query: Study, request: SimilarRequest, calibration: Calibration | None = None
 ) -> list[Hit]:
-    """The studies most similar to ``query`` (from ``query_study``), best first, after the request's filters.
+    """The studies most similar to ``query`` (from ``query_study``), best first, after the request's filters;
+    IndexLoadingError while the index loads.
 
     The findings filter keeps studies with one of the wanted findings among their shown findings
     (``shown_findings``); without a calibration no finding is shown, so a filter keeps nothing.
     """
     if request.findings and calibration is None:  # it would keep nothing, after searching the whole index
         raise NodeError("the findings filter needs a calibrated model (mmdl-node calibrate)")
+    if not index.ready:
+        raise IndexLoadingError(index.state)
     vector = from_blob(query.vector)
     wanted = set(request.findings)
     hits: list[Hit] = []

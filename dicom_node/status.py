@@ -30,6 +30,9 @@ class Status(enum.IntEnum):
     CANNOT_UNDERSTAND = 0xC000, STORE
     # A different object was already stored under this SOP Instance UID (another study): refused.
     DUPLICATE_CONFLICT = 0xC001, STORE
+    # PS3.4 C.4.1.1.4 "Refused: Out of Resources": the similarity index is not loaded yet after a start, a
+    # temporary condition the client may retry (0xC102 below is about one study, and lasts until it is embedded).
+    INDEX_NOT_READY = 0xA700, QUERY_RETRIEVE
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900, QUERY_RETRIEVE
     UNABLE_TO_PROCESS = 0xC000, QUERY_RETRIEVE
     UNKNOWN_STUDY = 0xC101, QUERY_RETRIEVE  # similar-case query names a study this node does not hold

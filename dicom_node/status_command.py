@@ -60,7 +60,7 @@ def _live(settings: Settings) -> NodeStatus:
                  f"{int(one('mmdl_held_reports'))} reports waiting for their study")
     lines.append(f"embedded since start: {int(one('mmdl_embedded_total', kind='image'))} images, "
                  f"{int(one('mmdl_embedded_total', kind='report'))} reports")
-    lines.append(f"index: {int(one('mmdl_index_size'))} studies")
+    lines.append(f"index: {int(one('mmdl_index_size'))} studies ({checks['index']})")
     for kind in ("similar", "catalog"):
         count = one("mmdl_query_seconds_count", kind=kind)
         if count:

@@ -117,8 +117,11 @@ class EmbeddingJob:
         A batch started before ``max_seconds`` is finished and saved; images still in the decode pool
         then stay pending for the next run (decoding has no side effect). Results are saved in batch
         order, one write at a time; a failed write ends the run with its error, its rows still pending.
+        Nothing is done while the index loads: what is pending stays so in the catalog until a later run.
         """
         stats = RoundStats()
+        if not self.index.ready:
+            return stats
         start = time.monotonic()
         in_flight: dict[int, Slot] = {}
         unsaved: Unsaved = {Instance: set(), Report: set()}  # row ids embedded, not yet saved

@@ -4,6 +4,7 @@ hnswlib's ``add_items`` and ``knn_query`` must not run at the same time, so ever
 A snapshot is a file named after the catalog sequence number it contains plus a small pointer file
 (``current.json``) that is replaced atomically; at start the newest snapshot is loaded and caught up with
 the catalog rows that changed after it, or the index is rebuilt from the catalog when there is none.
+The node does that in a background thread (``open_in_background``), so that its ports open first.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import hnswlib
 import numpy as np
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 POINTER = "current.json"
 WRITER_TIMEOUT_S = 900.0  # a snapshot writer still running after this is killed (and the snapshot retried)
+READ_AHEAD_CHUNK = 16 * 2**20
+IndexState = Literal["loading", "ready", "failed"]
 
 
 def _detach_from(parent: int) -> None:
@@ -39,6 +42,16 @@ def _detach_from(parent: int) -> None:
     outlives a killed node and leaves a file behind after the next start cleaned up."""
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     die_with(parent)
+
+
+def _read_ahead(path: Path) -> None:
+    """Read ``path`` once, so that it is in the page cache. hnswlib's ``load_index`` holds the GIL for the
+    whole load, which would freeze every thread of the node while a cold disk turns (~250 MB/s); these
+    reads release it, and the load that follows copies from memory (~1 GB/s)."""
+    buffer = bytearray(READ_AHEAD_CHUNK)
+    with path.open("rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
 
 
 def _wait_for(pid: int, timeout_s: float) -> int:
@@ -68,14 +81,28 @@ class HnswParams:
 
 
 class VectorIndex:
-    """Study vectors keyed by the catalog's study primary key; scores are cosine similarities."""
+    """Study vectors keyed by the catalog's study primary key; scores are cosine similarities.
+
+    An index from ``open_in_background`` is ``loading`` until its load finishes, then ``ready`` (or ``failed``,
+    logged); until it is ready ``search``, ``upsert`` and ``snapshot`` raise IndexerError, so check ``ready``.
+    """
 
     def __init__(self, params: HnswParams, directory: Path, capacity: int = 1024) -> None:
         self.params = params
         self.directory = directory
         self.seq = 0  # the catalog sequence number this index contains everything up to
+        self.saved_seq = 0  # the seq of the snapshot written last (when loaded: of the catalog caught up with)
+        self.state: IndexState = "ready"
         self._lock = threading.Lock()
         self._index = self._new_index(capacity)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def _require_ready(self) -> None:
+        if self.state != "ready":
+            raise IndexerError(f"the vector index is not ready ({self.state})")
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space="cosine", dim=self.params.dim)
@@ -88,6 +115,7 @@ class VectorIndex:
 
     def upsert(self, labels: np.ndarray, vectors: np.ndarray, seq: int | None = None) -> None:
         """Add or replace vectors; ``seq`` records the catalog sequence they come from."""
+        self._require_ready()
         if len(labels) == 0:
             return
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -103,6 +131,7 @@ class VectorIndex:
 
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest labels and their cosine similarities, best first."""
+        self._require_ready()
         with self._lock:
             k = min(k, self._index.get_current_count())
             if k == 0:
@@ -118,6 +147,7 @@ class VectorIndex:
         hnswlib's save holds the GIL for the whole write (1.3 s for 100k studies, ~10x that at 1M), which
         would freeze every association of the node. So a forked child writes the copy-on-write image of
         the index as it was at the fork, while this process goes on serving (as Redis' BGSAVE does)."""
+        self._require_ready()  # a loading index is empty: never written over the snapshot it is loaded from
         self.directory.mkdir(parents=True, exist_ok=True)
         with self._lock:  # the fork sees no half-done upsert
             seq = self.seq
@@ -153,6 +183,7 @@ class VectorIndex:
         for old in self.directory.glob("hnsw-*.bin"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+        self.saved_seq = seq
         return final
 
     @classmethod
@@ -165,6 +196,7 @@ class VectorIndex:
                 LOG.warning("index snapshot %s does not match the configuration; rebuilding", path)
                 return None
             index = cls(params, directory, capacity=1)
+            _read_ahead(path)
             index._index.load_index(str(path), max_elements=0)
             index._index.set_ef(params.ef_search)
             index.seq = int(pointer["seq"])
@@ -178,6 +210,8 @@ class VectorIndex:
     @classmethod
     def open(cls, params: HnswParams, directory: Path, catalog: Catalog) -> VectorIndex:
         """Load the newest snapshot and catch it up with the catalog, or rebuild from the catalog."""
+        start = time.monotonic()
+        LOG.info("loading the vector index from %s", directory)
         for partial in directory.glob(".*.tmp"):  # a snapshot interrupted by a crash
             partial.unlink()
         index = cls.load_snapshot(params, directory) or cls(params, directory)
@@ -186,7 +220,30 @@ class VectorIndex:
         for labels, vectors in catalog.study_vectors(after_seq=start_seq):
             index.upsert(labels, vectors)
             added += len(labels)
-        index.seq = max(start_seq, catalog.max_index_seq())
-        LOG.info("vector index ready: %d studies (%d caught up from the catalog after seq %d)",
-                 len(index), added, start_seq)
+        index.seq = index.saved_seq = max(start_seq, catalog.max_index_seq())
+        LOG.info("vector index ready: %d studies (%d caught up from the catalog after seq %d) in %.2f s",
+                 len(index), added, start_seq, time.monotonic() - start)
         return index
+
+    @classmethod
+    def open_in_background(cls, params: HnswParams, directory: Path, catalog: Catalog) -> VectorIndex:
+        """An empty index in state ``loading`` that ``open`` fills in a daemon thread, then ``ready``.
+
+        Nothing is written meanwhile (the snapshot it loads stays as it is); a node stopped during the load
+        leaves the thread to finish or die with the process (hnswlib's load cannot be interrupted). A load
+        that raises leaves the index ``failed``, logged."""
+        index = cls(params, directory, capacity=1)
+        index.state = "loading"
+        threading.Thread(target=index._load, args=(catalog,), name="index-load", daemon=True).start()
+        return index
+
+    def _load(self, catalog: Catalog) -> None:
+        try:
+            loaded = self.open(self.params, self.directory, catalog)
+        except Exception:  # on this thread nobody else would see it
+            LOG.exception("vector index load failed: similar-case queries are refused until a restart")
+            self.state = "failed"
+            return
+        with self._lock:
+            self._index, self.seq, self.saved_seq = loaded._index, loaded.seq, loaded.saved_seq
+            self.state = "ready"

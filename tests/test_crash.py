@@ -64,7 +64,8 @@ def check_consistent(node: NodeProcess, sent: list[str]) -> None:
         held = [row.sop_uid for row in session.query(Instance)]
     catalog.close()
     assert sorted(held) == sorted(sent)  # each exactly once
-    assert similar_count(node, _study_of(node, sent[0])) == len(sent) - 1  # the index holds every study
+    study_uid = _study_of(node, sent[0])  # the index holds every study, once it has loaded:
+    wait_until(lambda: similar_count(node, study_uid) == len(sent) - 1, 60, "the index to load")
     data = node.data_dir
     assert not list(data.rglob("*.tmp")) and not list((data / "index").glob(".*"))
     assert len(list((data / "index").glob("hnsw-*.bin"))) <= 1

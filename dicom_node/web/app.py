@@ -29,7 +29,7 @@ from dicom_node.handlers import Services
 from dicom_node.reference_sheet import SheetsDisabledError
 from dicom_node.storage import check_uid
 from dicom_node.web import dicomweb
-from dicom_node.web.errors import http_error
+from dicom_node.web.errors import RETRY_AFTER_S, http_error
 from dicom_node.web.render import Renderer
 from dicom_node.web.similar_page import find_answer, similar_request
 from models.errors import ModelError
@@ -54,11 +54,12 @@ def _wants_json(request: Request) -> bool:
 
 
 def _error(request: Request, status: int, title: str, message: str) -> Response:
-    """An error answer in the client's format (JSON for the API, HTML for a browser)."""
+    """An error answer in the client's format (JSON for the API, HTML for a browser); a 503 says when to retry."""
+    retry = {"Retry-After": RETRY_AFTER_S} if status == 503 else {}
     if _wants_json(request):
-        return JSONResponse({"error": title, "detail": message}, status)
+        return JSONResponse({"error": title, "detail": message}, status, headers=retry or None)
     page = _TEMPLATES.get_template("error.html").render(title=title, message=message)
-    return HTMLResponse(page, status, headers=PAGE_HEADERS)
+    return HTMLResponse(page, status, headers={**PAGE_HEADERS, **retry})
 
 
 class Pages:
@@ -130,7 +131,7 @@ class Pages:
         except NodeError as error:
             http = http_error(error)
             LOG.info("reference sheet request: %d %s", http.status, http.title)
-            return JSONResponse({"error": http.title, "detail": str(error)}, http.status)
+            return _error(request, http.status, http.title, str(error))
         return JSONResponse(asdict(result), 201)
 
 

@@ -46,7 +46,7 @@ from dicom_node.similar import (
 from dicom_node.sop_classes import IMAGE_STORAGE
 from dicom_node.storage import check_uid
 from dicom_node.web import instances
-from dicom_node.web.errors import http_error
+from dicom_node.web.errors import RETRY_AFTER_S, http_error
 from dicom_node.web.media import (
     ANY_SYNTAX,
     OCTET_STREAM,
@@ -413,7 +413,8 @@ def _error(request: Request, error: Exception) -> Response:
         return PlainTextResponse(str(error), status_code=error.status)
     assert isinstance(error, NodeError)
     status = http_error(error).dicomweb
-    return PlainTextResponse(str(error), status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+    retry = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    return PlainTextResponse(str(error), status_code=status, headers=retry)
 
 
 def _app(api: DicomWeb, studies: Callable[[Request], Response]) -> Starlette:

@@ -44,8 +44,9 @@ def test_health_metrics_and_status(start_node: Callable[..., Node], tmp_path: Pa
     http_port = free_port()
     node = start_node(metrics={"enabled": True, "host": "127.0.0.1", "port": http_port},
                       hl7={"enabled": True, "host": "127.0.0.1", "port": free_port()})
+    wait_until(lambda: node.index.ready, 30, "the (empty) index to load")
     code, body = get(f"http://127.0.0.1:{http_port}/health")
-    assert code == 200 and json.loads(body) == {"status": "ok", "dicom": True, "catalog": True}
+    assert code == 200 and json.loads(body) == {"status": "ok", "dicom": True, "catalog": True, "index": "ready"}
 
     study_uid = generate_uid()
     files = [save(dx_synthetic(study_uid, "SECRET-PID", "SECRETACC", size=64, seed=i), tmp_path) for i in range(2)]
@@ -88,7 +89,7 @@ def test_health_metrics_and_status(start_node: Callable[..., Node], tmp_path: Pa
     live = status(config)
     assert live.returncode == 0, live.stderr
     assert "(live node)" in live.stdout and "received from MODALITY_A: 2 instances" in live.stdout
-    assert "index: 1 studies" in live.stdout and "failures hl7_ar: 1" in live.stdout
+    assert "index: 1 studies (ready)" in live.stdout and "failures hl7_ar: 1" in live.stdout
 
     node.stop()
     down = status(config)

@@ -15,6 +15,7 @@ from indexer.catalog import Catalog, InstanceAttrs, SeriesAttrs, StudyAttrs
 from bench.populate import SYNTHETIC_ROOT, RealStudiesError, populate, synthetic_uid
 from indexer.schema import Kind, Study
 from tests.dicom_node.conftest import node_settings
+from tests.helpers import wait_until
 
 
 def similar(port: int, study_uid: str) -> list[Dataset]:
@@ -37,6 +38,7 @@ def test_node_starts_on_a_populated_data_dir_and_answers(tmp_path: Path, random_
     node = Node(settings)
     node.start()
     try:
+        wait_until(lambda: node.index.ready, 60, "the index to load")
         assert len(node.index) == 2500
         with node.catalog.session() as session:
             assert session.scalar(select(func.count()).where(Study.synthetic.is_(True))) == 2500

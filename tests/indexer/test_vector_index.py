@@ -120,3 +120,45 @@ def test_a_hung_snapshot_writer_is_killed() -> None:
     started = time.monotonic()
     assert _wait_for(pid, 0.3) == -signal.SIGKILL
     assert time.monotonic() - started < 30
+
+
+def test_background_load_refuses_until_ready_and_a_failed_load_says_so(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite3'}")
+    saved = VectorIndex(PARAMS, tmp_path / "index")
+    saved.upsert(np.arange(3), np.stack([unit(i) for i in range(3)]), seq=1)
+    written = saved.snapshot()
+    content = written.read_bytes()
+    gate = threading.Event()
+    load_snapshot = VectorIndex.load_snapshot
+
+    def held(cls: type[VectorIndex], params: HnswParams, directory: Path) -> VectorIndex | None:
+        assert gate.wait(60), "the test never opened the gate"
+        return load_snapshot(params, directory)
+
+    monkeypatch.setattr(VectorIndex, "load_snapshot", classmethod(held))
+    index = VectorIndex.open_in_background(PARAMS, tmp_path / "index", catalog)
+    assert index.state == "loading" and not index.ready
+    for touch in (lambda: index.search(unit(0), 1), lambda: index.snapshot(),
+                  lambda: index.upsert(np.array([9]), unit(9)[None, :])):
+        with pytest.raises(IndexerError, match="not ready"):
+            touch()
+    assert written.read_bytes() == content and sorted(p.name for p in written.parent.iterdir()) == \
+        ["current.json", written.name]  # nothing written over the snapshot being loaded
+    gate.set()
+    deadline = time.monotonic() + 30
+    while not index.ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert index.state == "ready" and len(index) == 3 and index.seq == index.saved_seq == 1
+    assert index.search(unit(2), 1)[0].tolist() == [2]
+
+    def broken(cls: type[VectorIndex], params: HnswParams, directory: Path) -> VectorIndex | None:
+        raise MemoryError("no room for the graph")
+
+    monkeypatch.setattr(VectorIndex, "load_snapshot", classmethod(broken))
+    failed = VectorIndex.open_in_background(PARAMS, tmp_path / "index", catalog)
+    deadline = time.monotonic() + 30
+    while failed.state == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert failed.state == "failed" and not failed.ready
+    catalog.close()
