@@ -80,14 +80,20 @@ class CatalogCollector(Collector):
                                 value=self.catalog.held_report_count())
 
 
-def health(dicom_up: Callable[[], bool], catalog: Catalog, index: str) -> tuple[int, dict[str, Any]]:
+def health(dicom_up: Callable[[], bool], catalog: Catalog, index: str,
+           receivers: str | None = None) -> tuple[int, dict[str, Any]]:
     """(HTTP status, body): 200 when the DICOM server listens and the catalog answers, else 503.
 
-    ``index`` (the similarity index: loading, ready, failed) is reported beside and changes no status: while it
-    loads the node stores, answers and retrieves as usual, so a load balancer must keep sending to it."""
+    ``index`` (the similarity index: loading, ready, failed) and ``receivers`` (how many receiver processes take
+    associations, "1/2 ready"; None without any) are reported beside and change no status: while the index loads
+    the node stores, answers and retrieves as usual, and a missing receiver's share is served by the node, so a load
+    balancer must keep sending to it."""
     checks = {"dicom": dicom_up(), "catalog": catalog.reachable()}
     ok = all(checks.values())
-    return (200 if ok else 503), {"status": "ok" if ok else "unavailable", **checks, "index": index}
+    body = {"status": "ok" if ok else "unavailable", **checks, "index": index}
+    if receivers is not None:
+        body["receivers"] = receivers
+    return (200 if ok else 503), body
 
 
 class _Handler(BaseHTTPRequestHandler):

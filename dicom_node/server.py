@@ -162,8 +162,8 @@ class Node:
                                    tls_context(self.settings.hl7.tls))
             self.hl7.start()
         if self.settings.metrics.enabled:
-            self.http = MetricsServer(self.settings.metrics, self.metrics.registry,
-                                      lambda: health(self.dicom_up, self.catalog, self.index.state))
+            self.http = MetricsServer(self.settings.metrics, self.metrics.registry, lambda: health(
+                self.dicom_up, self.catalog, self.index.state, self._receivers_ready()))
             self.http.start()
         if self.settings.web.enabled:
             self.web = WebServer(self.settings.web,
@@ -177,6 +177,12 @@ class Node:
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, similarity index %s", node.ae_title, node.similar_ae_title,
                  node.host, self.port, self.index.state)
+
+    def _receivers_ready(self) -> str | None:
+        """How many receiver processes take associations ("1/2 ready"); None when the node has none."""
+        if self.receivers is None:
+            return None
+        return f"{len(self.receivers.ready())}/{self.settings.node.receivers} ready"
 
     def dicom_up(self) -> bool:
         """Whether the DICOM server is running and its socket open."""

@@ -49,8 +49,9 @@ def _live(settings: Settings) -> NodeStatus:
     def one(name: str, **labels: str) -> float:
         return sum(v for l, v in samples.get(name, []) if all(l.get(k) == x for k, x in labels.items()))
 
+    receivers = f", receivers {checks['receivers']}" if "receivers" in checks else ""
     lines = [f"source: {url} (live node)",
-             f"health: {checks['status']} (HTTP {code}; dicom {checks['dicom']}, catalog {checks['catalog']})"]
+             f"health: {checks['status']} (HTTP {code}; dicom {checks['dicom']}, catalog {checks['catalog']}{receivers})"]
     for labels, count in samples.get("mmdl_received_instances_total", []):
         ae = labels["calling_ae"]
         mb = one("mmdl_received_bytes_total", calling_ae=ae) / 2**20

@@ -2,12 +2,14 @@
 other association stays with the node; a receiver that dies leaves its share to the node."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from dicom_node.server import Node
 from indexer.schema import Instance
 from tests.dicom_node.builders import dx_synthetic, save
 from tests.dicom_node.peers import find, indexed, study_query
-from tests.helpers import dcmtk, dcmtk_env, wait_until
+from tests.helpers import dcmtk, dcmtk_env, free_port, wait_until
 
 
 def request_bytes(called: str) -> bytes:
@@ -60,6 +62,12 @@ def test_the_request_is_read_by_a_peek_and_left_in_the_socket() -> None:
 
 def storescu(node: Node, files: list[Path], calling: str = "PACS") -> subprocess.CompletedProcess[str]:
     return dcmtk("storescu", "-aet", calling, "-aec", "MMDL_NODE", "127.0.0.1", node.port, *files)
+
+
+def health(port: int) -> tuple[int, str]:
+    """/health's status code and receivers field."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        return response.status, json.loads(response.read())["receivers"]
 
 
 def failures(node: Node, reason: str) -> float:
@@ -115,14 +123,17 @@ def test_storage_associations_are_received_by_receivers(start_node: Callable[...
 
 
 def test_a_receiver_that_dies_leaves_its_share_to_the_node(start_node: Callable[..., Node], tmp_path: Path) -> None:
-    node = start_node(node={"receivers": 1})
+    http_port = free_port()
+    node = start_node(node={"receivers": 1}, metrics={"enabled": True, "host": "127.0.0.1", "port": http_port})
     assert node.receivers is not None
     wait_until(lambda: len(node.receivers.ready()) == 1, 60, "the receiver ready")
+    assert health(http_port) == (200, "1/1 ready")
     first = save(dx_synthetic(generate_uid(), "DIE1", "D1", seed=1), tmp_path)
     assert storescu(node, [first]).returncode == 0 and node.receivers.handed == 1
     os.kill(node.receivers.ready()[0], signal.SIGKILL)
     wait_until(lambda: not node.receivers.ready(), 30, "the node to notice")
     assert failures(node, "receiver_exit") == 1
+    assert health(http_port) == (200, "0/1 ready")  # reported, not unhealthy: the node serves its share
     second = save(dx_synthetic(generate_uid(), "DIE2", "D2", seed=2), tmp_path)
     assert storescu(node, [second]).returncode == 0 and node.receivers.handed == 1
     with node.catalog.session() as session:
