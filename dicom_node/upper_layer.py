@@ -14,9 +14,11 @@ Subclasses here, used only for the associations the node accepts (through pynetd
 - `WaitingAssociation` runs pynetdicom's acceptor reactor loop, waiting on that signal instead of sleeping,
   and sends its messages through `dicom_node.command_sets.EncodingDIMSE`;
 - `LargeReadSocket` reads a PDU in as few `recv_into` calls as the kernel allows, into one buffer;
-- `WaitingRequestHandler` builds them for each accepted connection;
+- `WaitingRequestHandler` builds them for each accepted connection, unless the server hands the connection to
+  another process first (`WaitingServer.hand_off`, `dicom_node.receivers`);
 - `WaitingServer` accepts without pynetdicom's forced `gc.collect()`, and `WaitingAE` starts its servers
-  as `WaitingServer`s with `WaitingRequestHandler`.
+  as `WaitingServer`s with `WaitingRequestHandler`;
+- `HandedServer`, in a receiver process, serves the connections handed to it, listening nowhere.
 
 Timers (ARTIM, network idle) are checked at least every `TIMER_CHECK_S`. The same change, made in
 pynetdicom itself, is `docs/pynetdicom-event-driven-reactors.patch`.
