@@ -5,11 +5,12 @@ For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and numb
 (1, one per core, 4), it writes a fresh set of files (new UIDs, same bytes: the node acknowledges a UID it already
 holds without writing it again), then times storescu to the node (and, with --baseline-tree, to a second node
 served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
-of the same bytes into the node's data dir's file system; and each node's CPU time per image over its storescu
-run, its receiver processes' included, and storescu's CPU time per image sending to the node (on a machine whose
-cores the senders share with the node, what is left for the node). The nodes run with their embedding job held off (scheduler.interval_s = 1 day) so that the receive path is
-measured alone. dcmtk tools run with TCP_NODELAY=1. Prints one JSON line per figure (median over rounds) and a
-Markdown table. Run from the repository root:
+of the same bytes into the node's data dir's file system: as plain files, and as the node lays out new studies
+(``durable_writes``: the least a receiver keeping them durably in that layout must do). It reads each node's CPU
+time per image over its storescu run (its receiver processes' included) and storescu's own CPU time per image:
+on one machine the senders share the node's cores. The nodes run with their embedding job held off
+(scheduler.interval_s = 1 day) so that the receive path is measured alone. dcmtk tools run with TCP_NODELAY=1.
+Prints one JSON line per figure (median over rounds) and a Markdown table. Run from the repository root:
 
     .venv/bin/python -m bench.ingest --rounds 3
     .venv/bin/python -m bench.ingest --rounds 3 --baseline-tree /work/before   # a worktree of an earlier commit
@@ -35,6 +36,7 @@ from pydicom.uid import generate_uid
 
 from bench.query import cpu_seconds, load, machine, serve
 from tests.dicom_node.builders import dx_from_pixels
+from indexer.durable import fsync_directory
 from tests.helpers import dcmtk_env, free_port, port_open
 
 SIZES = {"8MB": 2048, "0.5MB": 512}
@@ -73,17 +75,28 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[
     return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
-def durable_writes(folder: Path, files: list[Path], parallel: int) -> float:
-    """Seconds to write each file's bytes to a new file with fsync (``parallel`` writers)."""
+def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool = False) -> float:
+    """Seconds to write each file's bytes durably (``parallel`` writers): to a new file with fsync, or with ``layout``
+    as the node keeps an instance of a new study (without its catalog row): written and fsynced in an incoming
+    folder, renamed into new study and series folders, then the series folder, the study folder and the root
+    fsynced."""
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    (folder / "incoming").mkdir(parents=True)
     payloads = [(folder / f.name, f.read_bytes()) for f in files]
 
     def write(item: tuple[Path, bytes]) -> None:
-        with item[0].open("wb") as handle:
-            handle.write(item[1])
+        path, data = item
+        written = folder / "incoming" / path.name if layout else path
+        with written.open("wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if layout:
+            series = folder / path.stem / "series"
+            series.mkdir(parents=True)
+            os.replace(written, series / path.name)
+            for directory in (series, series.parent, folder):
+                fsync_directory(directory)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
@@ -162,6 +175,8 @@ def main() -> int:
                         node_cpu.setdefault((size, parallel, f"{name}_storescu"), []).append(sender_cpu * 1000 / count)
                     timings["storescp"] = storescu(scp_port, "STORESCP", files, parallel)[0]
                     timings["disk_fsync"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel)
+                    timings["disk_layout"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel,
+                                                            layout=True)
                     shutil.rmtree(folder / "storescp")
                     (folder / "storescp").mkdir()
                     for target, seconds in timings.items():
@@ -173,7 +188,7 @@ def main() -> int:
     shutil.rmtree(folder / "files", ignore_errors=True)
 
     rows = []
-    targets = [*nodes, "storescp", "disk_fsync"]
+    targets = [*nodes, "storescp", "disk_fsync", "disk_layout"]
     for size in SIZES:
         for parallel in PARALLEL:
             median = {t: statistics.median(rates[(size, parallel, t)]) for t in targets}
@@ -185,6 +200,7 @@ def main() -> int:
                           node_cpu[(size, parallel, "mmdl-node_storescu")]), 2),
                       "node_vs_storescp": round(median["mmdl-node"] / median["storescp"], 2),
                       "node_vs_disk": round(median["mmdl-node"] / median["disk_fsync"], 2),
+                      "node_vs_disk_layout": round(median["mmdl-node"] / median["disk_layout"], 2),
                       "node_vs_one_association": round(
                           median["mmdl-node"] / statistics.median(rates[(size, 1, "mmdl-node")]), 2),
                       "all_rounds": {t: [round(r, 1) for r in rates[(size, parallel, t)]] for t in median},
@@ -194,7 +210,7 @@ def main() -> int:
     print(f"\n{machine()}; images/s, median of {args.rounds} rounds; node CPU ms per image\n")
     columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes),
                "storescu_cpu_ms_per_image", "node_vs_storescp",
-               "node_vs_disk", "node_vs_one_association"]
+               "node_vs_disk", "node_vs_disk_layout", "node_vs_one_association"]
     print("| size | assocs | " + " | ".join(columns) + " | load at start |")
     print("| --- " * (len(columns) + 3) + "|")
     for r in rows:
