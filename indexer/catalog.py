@@ -473,20 +473,20 @@ class Catalog:
         return seq
 
     def study_vectors(self, after_seq: int = 0, chunk: int = 10000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(study pks, vectors) in chunks, for studies whose vector changed after ``after_seq``."""
-        last_pk = 0
-        while True:
+        """(study pks, vectors) in chunks, for studies whose vector changed after ``after_seq``. The pks are read
+        first, through the index on ``index_seq``: a query ordered by pk makes SQLite walk the whole table (4 GB of
+        vectors at 1M studies, ~9 s from a cold disk at every start) even when no study changed."""
+        with self._sessions() as session:
+            pks = sorted(session.scalars(select(Study.id).where(Study.index_seq > after_seq)))
+        for start in range(0, len(pks), chunk):
             with self._sessions() as session:
                 rows = session.execute(
                     select(Study.id, Study.vector)
-                    .where(Study.index_seq > after_seq, Study.id > last_pk, Study.vector.is_not(None))
+                    .where(Study.id.in_(pks[start:start + chunk]), Study.vector.is_not(None))
                     .order_by(Study.id)
-                    .limit(chunk)
                 ).all()
-            if not rows:
-                return
-            last_pk = rows[-1][0]
-            yield np.array([r[0] for r in rows], dtype=np.int64), np.stack([from_blob(r[1]) for r in rows])
+            if rows:
+                yield np.array([r[0] for r in rows], dtype=np.int64), np.stack([from_blob(r[1]) for r in rows])
 
     def max_index_seq(self) -> int:
         with self._sessions() as session:
