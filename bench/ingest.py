@@ -10,6 +10,9 @@ of the same bytes into the node's data dir's file system: as plain files, and as
 time per image over its storescu run (its receiver processes' included) and storescu's own CPU time per image:
 on one machine the senders share the node's cores. The nodes run with their embedding job held off
 (scheduler.interval_s = 1 day) so that the receive path is measured alone. dcmtk tools run with TCP_NODELAY=1.
+Each timed step starts after a sync: on ext4 (data=ordered) an fsync also waits for the write-back of other files'
+dirty pages, so without it whatever wrote without fsync just before (the input files, storescp) would be paid for
+by the next step that fsyncs.
 Prints one JSON line per figure (median over rounds) and a Markdown table. Run from the repository root:
 
     .venv/bin/python -m bench.ingest --rounds 3
@@ -108,9 +111,19 @@ def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool 
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of the process and of its children (a node's receiver processes) so far."""
-    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-                for child in (task / "children").read_text().split()]
-    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children.update(int(child) for child in (task / "children").read_text().split())
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+    total = cpu_seconds(pid)
+    for child in children:
+        try:
+            total += cpu_seconds(child)
+        except FileNotFoundError:  # a child that has just ended (a snapshot writer)
+            continue
+    return total
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
@@ -168,17 +181,21 @@ def main() -> int:
                     names = list(nodes)
                     for name in names[round_number % len(names):] + names[:round_number % len(names)]:
                         process, port = nodes[name]
+                        os.sync()  # each timed step starts with no dirty pages of the steps before (see below)
                         cpu_before = tree_cpu_seconds(process.pid)
                         timings[name], sender_cpu = storescu(port, "MMDL_NODE", files, parallel)
                         node_cpu.setdefault((size, parallel, name), []).append(
                             (tree_cpu_seconds(process.pid) - cpu_before) * 1000 / count)
                         node_cpu.setdefault((size, parallel, f"{name}_storescu"), []).append(sender_cpu * 1000 / count)
+                    os.sync()
                     timings["storescp"] = storescu(scp_port, "STORESCP", files, parallel)[0]
+                    shutil.rmtree(folder / "storescp")  # unsynced: deleted before their pages are written back
+                    (folder / "storescp").mkdir()
+                    os.sync()
                     timings["disk_fsync"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel)
+                    os.sync()
                     timings["disk_layout"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel,
                                                             layout=True)
-                    shutil.rmtree(folder / "storescp")
-                    (folder / "storescp").mkdir()
                     for target, seconds in timings.items():
                         rates.setdefault((size, parallel, target), []).append(count / seconds)
     finally:
