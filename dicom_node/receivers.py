@@ -256,31 +256,38 @@ def serve(settings: Settings, channel: socket.socket) -> None:
     catalog = Catalog(settings.catalog_url)
     reports = _Reports(channel)
     held = ReportedHeldSyntaxes(catalog.held_syntaxes(), reports)
-    services = Services(settings, catalog, store, Ingestor(store, catalog, held, node.data_dir / "locks"), index=None,  # type: ignore[arg-type]
+    ingestor = Ingestor(store, catalog, held, node.data_dir / "locks")
+    # No index: it stays in the node's process, and the handlers a receiver binds (storage_handlers) use none.
+    services = Services(settings, catalog, store, ingestor, index=None,  # type: ignore[arg-type]
                         metrics=ReportedMetrics(reports), held=held)
     watchdog = AssociationWatchdog(node.message_timeout_s)
     ae = build_ae(settings)
     server = ae.make_server((node.host, node.port), evt_handlers=storage_handlers(services, watchdog),
                             server_class=HandedServer)
     reports.send(ready=os.getpid())
-    channel.settimeout(min(5.0, node.message_timeout_s / 4))  # the watchdog's sweep, between connections
+    sweep_every = min(5.0, node.message_timeout_s / 4)  # the watchdog's, as the node's housekeeping job
+    channel.settimeout(sweep_every)
+    swept = time.monotonic()
     try:
         while True:
             try:
                 _, connections, _, _ = socket.recv_fds(channel, 16, 4)
             except TimeoutError:
+                connections = None
+            else:
+                if not connections:  # the node closed the channel: it is stopping (or has died)
+                    break
+                for number in connections:
+                    connection = socket.socket(fileno=number)
+                    try:
+                        address = connection.getpeername()
+                    except OSError:  # the peer has gone already
+                        connection.close()
+                        continue
+                    server.process_request(connection, address)
+            if time.monotonic() - swept >= sweep_every:
                 watchdog.sweep()
-                continue
-            if not connections:  # the node closed the channel: it is stopping (or has died)
-                break
-            for number in connections:
-                connection = socket.socket(fileno=number)
-                try:
-                    address = connection.getpeername()
-                except OSError:  # the peer has gone already
-                    connection.close()
-                    continue
-                server.process_request(connection, address)
+                swept = time.monotonic()
     finally:
         deadline = time.monotonic() + STOP_GRACE_S
         while ae.active_associations and time.monotonic() < deadline:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -81,8 +82,12 @@ def test_association_limit(start_node: Callable[..., Node]) -> None:
     after.release()
 
 
-def test_idle_and_trickling_associations_are_closed(start_node: Callable[..., Node]) -> None:
-    node = start_node(node={"message_timeout_s": 1.0})
+@pytest.mark.parametrize("receivers", [0, 1])
+def test_idle_and_trickling_associations_are_closed(start_node: Callable[..., Node], receivers: int) -> None:
+    """Closed by the node's watchdog, or by a receiver process' own for the associations handed to it."""
+    node = start_node(node={"message_timeout_s": 1.0, "receivers": receivers})
+    if node.receivers is not None:
+        wait_until(lambda: len(node.receivers.ready()) == receivers, 60, "the receiver ready")
     ae = AE("SLOW")
     ae.add_requested_context(Verification)
     idle = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
@@ -98,7 +103,8 @@ def test_idle_and_trickling_associations_are_closed(start_node: Callable[..., No
             pass
         time.sleep(0.2)
     assert idle.is_aborted and not trickle.is_established
-    assert node.watchdog.aborted == 2
+    assert node.watchdog.aborted == (0 if receivers else 2)
+    assert node.receivers is None or node.receivers.handed == 2
     fresh = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
     assert fresh.is_established and fresh.send_c_echo().Status == 0
     fresh.release()
