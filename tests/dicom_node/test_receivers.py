@@ -96,9 +96,12 @@ def test_storage_associations_are_received_by_receivers(start_node: Callable[...
         syntaxes = {row.transfer_syntax for row in rows.values()}
     assert all(dcmread(node.store.absolute(rows[path.stem].path)) == dcmread(path)
                for files in batches for path in files)
-    counted = node.metrics.registry.get_sample_value("mmdl_received_instances_total", {"calling_ae": "PACS"})
-    assert counted == 12  # the receivers' stores in the node's counters
-    assert len(syntaxes) == 1 and node.services.held.only(DigitalXRayImageStorageForPresentation) in syntaxes
+    # the receivers' stores in the node's counters and its held syntaxes (reported as they answer)
+    wait_until(lambda: node.metrics.registry.get_sample_value(
+        "mmdl_received_instances_total", {"calling_ae": "PACS"}) == 12, 10, "the counters reported")
+    assert len(syntaxes) == 1
+    wait_until(lambda: node.services.held.only(DigitalXRayImageStorageForPresentation) in syntaxes, 10,
+               "the held syntax reported")
     wait_until(indexed(node, 12), 120, "the received studies indexed by the node")
 
     answers, final = find(node, study_query(PatientID="RCV1"), called="MMDL_NODE")  # query: the node serves it
