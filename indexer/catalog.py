@@ -285,35 +285,44 @@ class Catalog:
         """Record a stored instance (and the report it carries) in one transaction.
 
         Core statements built once, on primary keys, no ORM objects, one look-up before the inserts: this runs
-        once per received instance. (The attrs dataclasses hold plain values: ``vars`` is their row.)"""
-        try:
-            with self.engine.begin() as connection:
-                known = connection.execute(_STUDY_AND_SERIES, {"uid": study.study_uid, "series_uid": series.series_uid,
-                                                               "accession": study.accession_number}).one()
-                study_pk = known.study_pk
-                if study_pk is None:
-                    study_pk = connection.scalar(_INSERT_STUDY, vars(study))
-                    if known.held_reports:
-                        self._attach_held(connection, study_pk, study.study_uid, study.accession_number)
-                if known.series_pk is None:
-                    series_pk = connection.scalar(_INSERT_SERIES, {**vars(series), "study_pk": study_pk})
-                elif known.series_study_pk != study_pk:
-                    raise IndexerError(
-                        f"series {series.series_uid} already belongs to another study; instance {instance.sop_uid} refused"
-                    )
-                else:
-                    series_pk = known.series_pk
-                state = State.PENDING if instance.kind is Kind.IMAGE else State.SKIPPED
-                connection.execute(_INSERT_INSTANCE, {**vars(instance), "series_pk": series_pk, "state": state})
-                if report is not None:
-                    self._add_report(connection, study_pk, instance.sop_uid, report)
-        except IntegrityError:
-            # Another association stored the same SOP Instance UID between our check and commit.
-            held_in = self.find_instance_study(instance.sop_uid)
-            if held_in is None:
-                raise
-            return AddOutcome.DUPLICATE if held_in == study.study_uid else AddOutcome.CONFLICT
-        return AddOutcome.STORED
+        once per received instance. (The attrs dataclasses hold plain values: ``vars`` is their row.) The look-up
+        runs before the write transaction: when another association (or receiver process) inserts the same new
+        study or series in between, the insert fails on its unique UID and the whole is tried once more."""
+        retried = False
+        while True:
+            try:
+                with self.engine.begin() as connection:
+                    self._add_instance(connection, study, series, instance, report)
+                return AddOutcome.STORED
+            except IntegrityError:
+                held_in = self.find_instance_study(instance.sop_uid)
+                if held_in is not None:  # another association stored the same SOP Instance UID meanwhile
+                    return AddOutcome.DUPLICATE if held_in == study.study_uid else AddOutcome.CONFLICT
+                if retried:
+                    raise
+                retried = True
+
+    def _add_instance(self, connection: Connection, study: StudyAttrs, series: SeriesAttrs, instance: InstanceAttrs,
+                      report: ReportAttrs | None) -> None:
+        known = connection.execute(_STUDY_AND_SERIES, {"uid": study.study_uid, "series_uid": series.series_uid,
+                                                       "accession": study.accession_number}).one()
+        study_pk = known.study_pk
+        if study_pk is None:
+            study_pk = connection.scalar(_INSERT_STUDY, vars(study))
+            if known.held_reports:
+                self._attach_held(connection, study_pk, study.study_uid, study.accession_number)
+        if known.series_pk is None:
+            series_pk = connection.scalar(_INSERT_SERIES, {**vars(series), "study_pk": study_pk})
+        elif known.series_study_pk != study_pk:
+            raise IndexerError(
+                f"series {series.series_uid} already belongs to another study; instance {instance.sop_uid} refused"
+            )
+        else:
+            series_pk = known.series_pk
+        state = State.PENDING if instance.kind is Kind.IMAGE else State.SKIPPED
+        connection.execute(_INSERT_INSTANCE, {**vars(instance), "series_pk": series_pk, "state": state})
+        if report is not None:
+            self._add_report(connection, study_pk, instance.sop_uid, report)
 
     def add_report(self, study_uid: str, accession_number: str, source_uid: str, report: ReportAttrs) -> ReportOutcome:
         """Join a report (e.g. from HL7) to the study named by UID, else by accession number; hold it if absent."""

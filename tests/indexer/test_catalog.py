@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from indexer.catalog import AddOutcome, Catalog, InstanceAttrs, ReportAttrs, SeriesAttrs, StudyAttrs
 from indexer.schema import CatalogFact, Instance, Kind, Report, Study
@@ -40,6 +41,30 @@ def test_duplicate_and_conflict(catalog: Catalog) -> None:
     assert add(catalog, "1.1", "1.1.1.1") is AddOutcome.DUPLICATE  # the unique constraint decides races
     assert add(catalog, "1.2", "1.1.1.1") is AddOutcome.CONFLICT
     assert len(catalog.pending_images(10)) == 1
+
+
+def test_a_new_study_inserted_by_another_process_meanwhile_is_joined(catalog: Catalog, tmp_path: Path) -> None:
+    """Two instances of one new study stored at once by two processes (the node and a receiver): the second one's
+    look-up finds no study, the first commits it, the second's insert then fails on the unique UID; it is stored
+    on a second try, in the same study and series."""
+    other = Catalog(catalog.url)  # another engine, as another process has
+    raced: list[str] = []
+
+    @event.listens_for(catalog.engine, "before_cursor_execute")
+    def meanwhile(connection: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.startswith("INSERT INTO studies") and not raced:
+            raced.append(statement)
+            assert add(other, "1.5", "1.5.1.1") is AddOutcome.STORED
+
+    try:
+        assert add(catalog, "1.5", "1.5.1.2") is AddOutcome.STORED
+    finally:
+        event.remove(catalog.engine, "before_cursor_execute", meanwhile)
+        other.close()
+    assert raced
+    with catalog.session() as session:
+        (study,) = session.query(Study).all()
+        assert sorted(i.sop_uid for series in study.series for i in series.instances) == ["1.5.1.1", "1.5.1.2"]
 
 
 def test_newer_report_replaces_older_and_late_older_does_not(catalog: Catalog) -> None:
