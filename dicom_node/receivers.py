@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -62,11 +63,17 @@ def associate_request(connection: socket.socket, timeout_s: float) -> A_ASSOCIAT
     is not whole within ``timeout_s`` or cannot be decoded."""
     deadline = time.monotonic() + timeout_s
     wanted = 6  # the PDU header: type, reserved, length
+    pause = _PEEK_RETRY_S
+    poller = select.poll()
+    poller.register(connection, select.POLLIN)
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([connection], [], [], remaining)[0]:
+        try:
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                return None
+            data = connection.recv(wanted, socket.MSG_PEEK)
+        except OSError:  # reset by the peer: pynetdicom, in the node, sees the same
             return None
-        data = connection.recv(wanted, socket.MSG_PEEK)
         if not data or data[0] != _A_ASSOCIATE_RQ:
             return None
         if len(data) >= 6:
@@ -75,7 +82,8 @@ def associate_request(connection: socket.socket, timeout_s: float) -> A_ASSOCIAT
                 return None
             if len(data) >= wanted:
                 break
-        time.sleep(_PEEK_RETRY_S)  # select would return at once: the part already here is still unread
+        time.sleep(pause)  # poll would return at once: the part already here is still unread
+        pause = min(2 * pause, 0.1)
     request = A_ASSOCIATE_RQ()
     try:
         request.decode(data)
@@ -156,11 +164,11 @@ class Receivers:
             elif "ready" in report:
                 receiver.ready = True
                 LOG.info("receiver process %d ready", receiver.process.pid)
-        receiver.ready = False
         if not self._stopping:
+            self.metrics.failed("receiver_exit")
             LOG.error("receiver process %d exited (code %s); the node serves its share of associations",
                       receiver.process.pid, receiver.process.wait())
-            self.metrics.failed("receiver_exit")
+        receiver.ready = False
 
     def hand_off(self, connection: socket.socket) -> bool:
         """Hand ``connection``, just accepted, to a ready receiver if one serves the association it requests; True
@@ -178,7 +186,8 @@ class Receivers:
             try:
                 with receiver.lock:
                     socket.send_fds(receiver.channel, [b"C"], [connection.fileno()])
-            except OSError:  # it has just exited: the next one
+            except OSError as error:  # it has just exited (its exit is logged when the node sees it): the next one
+                LOG.warning("receiver process %d takes no connection (%s)", receiver.process.pid, error.strerror)
                 receiver.ready = False
                 continue
             connection.close()
@@ -192,8 +201,8 @@ class Receivers:
         self._stopping = True
         for receiver in self._receivers:
             receiver.ready = False
-            try:
-                receiver.channel.shutdown(socket.SHUT_RDWR)
+            try:  # the node's side only: what the receiver reports while it finishes is still read
+                receiver.channel.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         for receiver in self._receivers:
@@ -215,8 +224,13 @@ class _Reports:
         self._lock = threading.Lock()
 
     def send(self, **report: Any) -> None:
-        with self._lock:
-            self.channel.send(json.dumps(report).encode())
+        """Send ``report``; waits while the node reads none (its process stalls while the index loads). A report
+        that cannot go (the node is gone) is dropped: it must never fail the store it counts."""
+        try:
+            with self._lock:
+                self.channel.send(json.dumps(report).encode())
+        except OSError as error:
+            LOG.debug("report to the node dropped (%s)", error.strerror)
 
 
 class ReportedMetrics(Metrics):
@@ -266,17 +280,16 @@ def serve(settings: Settings, channel: socket.socket) -> None:
                             server_class=HandedServer)
     reports.send(ready=os.getpid())
     sweep_every = min(5.0, node.message_timeout_s / 4)  # the watchdog's, as the node's housekeeping job
-    channel.settimeout(sweep_every)
     swept = time.monotonic()
     try:
         while True:
-            try:
-                _, connections, _, _ = socket.recv_fds(channel, 16, 4)
-            except TimeoutError:
-                connections = None
-            else:
-                if not connections:  # the node closed the channel: it is stopping (or has died)
+            # A wait, not a socket timeout: that would apply to the reports sent on the same socket too.
+            if select.select([channel], [], [], sweep_every)[0]:
+                message, connections, flags, _ = socket.recv_fds(channel, 16, 4)
+                if not message:  # the node closed the channel: it is stopping (or has died)
                     break
+                if flags & socket.MSG_CTRUNC:
+                    LOG.error("a connection handed over was lost: no descriptor left in this process")
                 for number in connections:
                     connection = socket.socket(fileno=number)
                     try:
@@ -289,6 +302,10 @@ def serve(settings: Settings, channel: socket.socket) -> None:
                 watchdog.sweep()
                 swept = time.monotonic()
     finally:
+        try:  # no more connections: the node's next hand-off fails and goes elsewhere
+            channel.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
         deadline = time.monotonic() + STOP_GRACE_S
         while ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -303,6 +320,10 @@ def main(argv: list[str]) -> int:
     """``python -m dicom_node.receivers CHANNEL_FD NODE_PID``, the settings as JSON on stdin (`Receivers.start`)."""
     channel_fd, node_pid = int(argv[1]), int(argv[2])
     die_with(node_pid)
+    # The node drives the stop (it closes the channel) and a receiver dies with it: a Ctrl-C or a service
+    # manager's SIGTERM to the whole process group must not end a receiver mid-association on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     settings = Settings.model_validate_json(sys.stdin.buffer.read())
     serve(settings, socket.socket(fileno=channel_fd))
     return 0

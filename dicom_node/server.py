@@ -180,9 +180,10 @@ class Node:
 
     def _receivers_ready(self) -> str | None:
         """How many receiver processes take associations ("1/2 ready"); None when the node has none."""
-        if self.receivers is None:
+        receivers = self.receivers  # stop() may set it to None meanwhile
+        if receivers is None:
             return None
-        return f"{len(self.receivers.ready())}/{self.settings.node.receivers} ready"
+        return f"{len(receivers.ready())}/{self.settings.node.receivers} ready"
 
     def dicom_up(self) -> bool:
         """Whether the DICOM server is running and its socket open."""

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.receivers import associate_request, receiver_serves
 from dicom_node.server import Node
+from indexer.catalog import Catalog
 from indexer.schema import Instance
 from tests.dicom_node.builders import dx_synthetic, save
 from tests.dicom_node.peers import find, indexed, study_query
@@ -70,6 +71,13 @@ def health(port: int) -> tuple[int, str]:
         return response.status, json.loads(response.read())["receivers"]
 
 
+def handed(node: Node, count: int) -> bool:
+    """Whether ``count`` connections were handed to receivers (counted just after each hand-off: wait for it)."""
+    assert node.receivers is not None
+    wait_until(lambda: node.receivers is not None and node.receivers.handed >= count, 10, f"{count} hand-offs")
+    return node.receivers.handed == count
+
+
 def failures(node: Node, reason: str) -> float:
     return node.metrics.registry.get_sample_value("mmdl_failures_total", {"reason": reason}) or 0.0
 
@@ -87,7 +95,7 @@ def test_storage_associations_are_received_by_receivers(start_node: Callable[...
     for sender in senders:
         sender.join()
     assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
-    assert node.receivers.handed == 2
+    assert handed(node, 2)
 
     sent = {path.stem for files in batches for path in files}
     with node.catalog.session() as session:
@@ -107,13 +115,13 @@ def test_storage_associations_are_received_by_receivers(start_node: Callable[...
     answers, final = find(node, study_query(PatientID="RCV1"), called="MMDL_NODE")  # query: the node serves it
     assert final.Status == 0 and len(answers) == 6
     assert dcmtk("echoscu", "-aet", "PACS", "-aec", "MMDL_SIMILAR", "127.0.0.1", node.port).returncode == 0
-    assert node.receivers.handed == 2
+    assert handed(node, 2)
     assert dcmtk("echoscu", "-aet", "PACS", "-aec", "MMDL_NODE", "127.0.0.1", node.port).returncode == 0
-    assert node.receivers.handed == 3  # verification alone: a receiver answers it
+    assert handed(node, 3)  # verification alone: a receiver answers it
 
     stranger = save(dx_synthetic(generate_uid(), "RCV9", "R9", seed=99), tmp_path / "stranger")
     assert storescu(node, [stranger], calling="STRANGER").returncode != 0  # the receiver applies the policy
-    assert node.receivers.handed == 4
+    assert handed(node, 4)
     with node.catalog.session() as session:
         assert session.query(Instance).filter_by(sop_uid=stranger.stem).count() == 0
     assert failures(node, "receiver_exit") == 0
@@ -132,12 +140,37 @@ def test_a_receiver_that_dies_leaves_its_share_to_the_node(start_node: Callable[
     wait_until(lambda: len(node.receivers.ready()) == 1, 60, "the receiver ready")
     assert health(http_port) == (200, "1/1 ready")
     first = save(dx_synthetic(generate_uid(), "DIE1", "D1", seed=1), tmp_path)
-    assert storescu(node, [first]).returncode == 0 and node.receivers.handed == 1
+    assert storescu(node, [first]).returncode == 0 and handed(node, 1)
     os.kill(node.receivers.ready()[0], signal.SIGKILL)
     wait_until(lambda: not node.receivers.ready(), 30, "the node to notice")
     assert failures(node, "receiver_exit") == 1
     assert health(http_port) == (200, "0/1 ready")  # reported, not unhealthy: the node serves its share
     second = save(dx_synthetic(generate_uid(), "DIE2", "D2", seed=2), tmp_path)
-    assert storescu(node, [second]).returncode == 0 and node.receivers.handed == 1
+    assert storescu(node, [second]).returncode == 0 and handed(node, 1)
     with node.catalog.session() as session:
         assert {row.sop_uid for row in session.query(Instance)} == {first.stem, second.stem}
+
+
+def test_a_stopping_node_lets_its_receivers_finish_their_associations(start_node: Callable[..., Node],
+                                                                       tmp_path: Path) -> None:
+    """The node stops while a receiver is storing: the receiver finishes the association (within its grace) and
+    every instance it answered is stored and counted; none is answered with a failure."""
+    node = start_node(node={"receivers": 1})
+    assert node.receivers is not None
+    wait_until(lambda: len(node.receivers.ready()) == 1, 60, "the receiver ready")
+    files = [save(dx_synthetic(generate_uid(), f"STOP{i}", f"S{i}", size=1024, seed=i), tmp_path) for i in range(30)]
+    sender = subprocess.Popen(["storescu", "-v", "-aec", "MMDL_NODE", "127.0.0.1", str(node.port), *map(str, files)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+    wait_until(lambda: len(node.catalog.pending_images(100)) >= 3, 60, "the receiver storing")
+    counter = node.metrics.registry
+    node.stop()
+    log = sender.communicate(timeout=120)[0]
+    assert sender.returncode == 0, log[-2000:]
+    assert log.count("Received Store Response (") == log.count("Received Store Response (Success)") == 30
+    catalog = Catalog(node.settings.catalog_url)
+    try:
+        with catalog.session() as session:
+            assert {row.sop_uid for row in session.query(Instance)} == {path.stem for path in files}
+    finally:
+        catalog.close()
+    assert counter.get_sample_value("mmdl_received_instances_total", {"calling_ae": "STORESCU"}) == 30
