@@ -90,12 +90,13 @@ class FileStore:
     def _make_folders(self, series_folder: Path) -> list[Path]:
         """Create the study and series folders where missing; return those whose entry in their parent is not
         known durable, series first."""
-        folders = (series_folder, series_folder.parent)
+        unsynced = []
         with self._folders:
-            unsynced = [folder for folder in folders if folder not in self._durable]
-            for folder in folders:
+            for folder in (series_folder, series_folder.parent):
                 if folder in self._durable:
                     self._durable.move_to_end(folder)
+                else:
+                    unsynced.append(folder)
         for folder in reversed(unsynced):  # known durable means existing: only the others may be missing
             folder.mkdir(exist_ok=True)
         return unsynced

@@ -101,7 +101,7 @@ class VectorIndex:
         return self.state == "ready"
 
     def _require_ready(self) -> None:
-        if self.state != "ready":
+        if not self.ready:
             raise IndexerError(f"the vector index is not ready ({self.state})")
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
