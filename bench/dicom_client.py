@@ -48,17 +48,19 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
     return bytes(data)
 
 
-def associate(host: str, port: int, called: str, sop_class: str, calling: str = "BENCH") -> socket.socket:
+def associate(host: str, port: int, called: str, sop_class: str, calling: str = "BENCH",
+              others: tuple[str, ...] = ()) -> socket.socket:
     """A connected socket with an association accepted for ``sop_class`` (Implicit VR Little Endian) as
-    presentation context 1."""
+    presentation context 1, and ``others`` as contexts 3, 5, ... (accepted or not)."""
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     request = A_ASSOCIATE()
     request.application_context_name = APPLICATION_CONTEXT
     request.calling_ae_title, request.called_ae_title = calling, called
-    context = build_context(sop_class, ImplicitVRLittleEndian)
-    context.context_id = 1
-    request.presentation_context_definition_list = [context]
+    contexts = [build_context(uid, ImplicitVRLittleEndian) for uid in (sop_class, *others)]
+    for number, context in enumerate(contexts):
+        context.context_id = 2 * number + 1
+    request.presentation_context_definition_list = contexts
     length, implementation = MaximumLengthNotification(), ImplementationClassUIDNotification()
     length.maximum_length_received = MAX_PDU
     implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID

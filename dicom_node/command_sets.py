@@ -1,4 +1,5 @@
-"""DIMSE command sets written straight to bytes, for the messages the node sends.
+"""DIMSE command sets written straight to bytes, for the messages the node sends, and the file meta of the
+datasets it receives.
 
 pynetdicom builds each message's command set as a pydicom Dataset (a deep copy of a template per message,
 every value validated as it is set) and encodes it twice, once to learn the group length and once to send it:
@@ -11,6 +12,9 @@ module does not write (a text outside ASCII) leaves the message to pynetdicom.
 `EncodingDIMSE` sends with it, fragmenting the bytes written into P-DATA itself (pynetdicom's fragmenting
 would encode the command set once more); the message handed to the `EVT_DIMSE_SENT` handlers is the usual
 pynetdicom message class, its command set decoded from the bytes sent.
+
+`file_header` writes the preamble and file meta pynetdicom writes before a received C-STORE data set (pydicom's
+writer takes ~0.5 ms for it; the same bytes here, compared in the tests).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS, _DATASET_KEYWORDS, _MESSAGE_TYPES, DIMSEMessage
 from pynetdicom.dsutils import decode
@@ -101,6 +105,26 @@ def command_set(primitive: Any) -> bytes:
         data = b"" if value is None else write(value)
         elements += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(data)) + data
     return struct.pack("<HHLL", 0, 0, 4, len(elements)) + elements
+
+
+def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """An element with a 2-byte length, Explicit VR Little Endian."""
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The 128-byte preamble, "DICM" and the file meta information (PS3.10 7.1) pynetdicom writes before a
+    C-STORE data set it receives: its implementation class UID and version name. NotWritten when a UID is not
+    ASCII."""
+    elements = b"".join((
+        struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+        _explicit(0x0002, 0x0002, b"UI", _text(sop_class_uid, b"\x00")),
+        _explicit(0x0002, 0x0003, b"UI", _text(sop_instance_uid, b"\x00")),
+        _explicit(0x0002, 0x0010, b"UI", _text(transfer_syntax, b"\x00")),
+        _explicit(0x0002, 0x0012, b"UI", _text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _explicit(0x0002, 0x0013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\x00" * 128 + b"DICM" + _explicit(0x0002, 0x0000, b"UL", struct.pack("<L", len(elements))) + elements
 
 
 def p_data(context_id: int, command: bytes, data_set: bytes, max_pdu: int) -> Iterator[P_DATA]:

@@ -1,20 +1,22 @@
 """The command sets the node writes itself (dicom_node/command_sets.py) are byte for byte pynetdicom's, for
 every DIMSE message type and every parameter; so are their P-DATA fragments; and a value it does not write
 still goes out, encoded by pynetdicom. Over the wire, every C-FIND, C-STORE, C-GET and C-MOVE test of the
-node goes through it too."""
+node goes through it too. The file meta written before a received data set is pynetdicom's too."""
 from __future__ import annotations
 
 from io import BytesIO
 
 import pytest
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import dimse_primitives
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
 from pynetdicom.dimse_messages import _COMMAND_SET_KEYWORDS
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from dicom_node.command_sets import NotWritten, command_set, message_class, p_data
+from dicom_node.command_sets import NotWritten, command_set, file_header, message_class, p_data
 
 ODD_UID, EVEN_UID = "1.2.840.10008.5.1.4.1.1.1", "1.2.826.0.1.3680043.2.1"
 VALUES = {"US": 7, "UI": ODD_UID, "AE": "DEST1", "LO": "odd comment", "AT": [0x00100010, 0x0020000D]}
@@ -97,3 +99,16 @@ def test_a_short_answer_is_one_pdu() -> None:
     for primitive in (dimse_primitives.C_FIND(), dimse_primitives.C_STORE()):
         primitive.MessageIDBeingRespondedTo, primitive.Status, primitive.AffectedSOPClassUID = 1, 0, FIND
         assert len(list(p_data(1, command_set(primitive), b"", 16382))) == 1
+
+
+@pytest.mark.parametrize("sop_instance", [ODD_UID, EVEN_UID])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
+def test_file_header_is_what_pynetdicom_writes_before_a_received_data_set(sop_instance: str, syntax: str) -> None:
+    sop_class = "1.2.840.10008.5.1.4.1.1.1.1"  # DX for presentation: even length
+    expected = BytesIO()
+    expected.write(b"\x00" * 128 + b"DICM")  # as pynetdicom's DIMSE message decoding writes it
+    write_file_meta_info(expected, create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+                                                    transfer_syntax=UID(syntax)))
+    assert file_header(sop_class, sop_instance, syntax) == expected.getvalue()
+    with pytest.raises(NotWritten):
+        file_header(sop_class, "1.2.\u00e9", syntax)
