@@ -14,10 +14,13 @@ and catalog queries, retrieves, HL7, the web, the index and the embedding job.
 A receiver tells the node, over the same Unix socket, what it stored and refused (the node's Prometheus counters) and
 each new (SOP class, transfer syntax) pair it holds (C-GET negotiation). It is killed when the node dies. The node
 hands connections only to receivers that said they are ready; one that exits is left out, and with none left the
-node serves every association itself. ``max_associations`` applies to each process.
+node serves every association itself. A hand-off never waits: while a receiver has not taken the connections
+already handed to it (it is stalled or stopped), the next receiver or the node serves the association.
+``max_associations`` applies to each process.
 """
 from __future__ import annotations
 
+import array
 import itertools
 import json
 import logging
@@ -55,6 +58,9 @@ _A_ASSOCIATE_RQ = 0x01
 _LARGEST_REQUEST = 1 << 20  # an association request longer than this is left to the node (and pynetdicom)
 _PEEK_RETRY_S = 0.001  # while a request has arrived in part
 STOP_GRACE_S = 10.0  # how long a stopping receiver lets its associations finish before aborting them
+# The node's send buffer towards a receiver: ~20 connections handed over and not yet taken (the kernel doubles it).
+# Bursts of new associations fit; a receiver that stalls holds no more than that many.
+_HAND_OFF_BUFFER = 8192
 
 
 def associate_request(connection: socket.socket, timeout_s: float) -> A_ASSOCIATE_RQ | None:
@@ -133,6 +139,7 @@ class Receivers:
         configuration = self.settings.model_dump_json().encode()
         for _ in range(self.settings.node.receivers):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _HAND_OFF_BUFFER)
             with theirs:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "dicom_node.receivers", str(theirs.fileno()), str(os.getpid())],
@@ -185,7 +192,13 @@ class Receivers:
                 continue
             try:
                 with receiver.lock:
-                    socket.send_fds(receiver.channel, [b"C"], [connection.fileno()])
+                    # socket.send_fds would ignore the flag (Python 3.11)
+                    receiver.channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                       array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
+            except BlockingIOError:  # ~20 connections wait in its channel unread (_HAND_OFF_BUFFER): it is stalled
+                LOG.warning("receiver process %d is not taking the connections handed to it; serving elsewhere",
+                            receiver.process.pid)
+                continue
             except OSError as error:  # it has just exited (its exit is logged when the node sees it): the next one
                 LOG.warning("receiver process %d takes no connection (%s)", receiver.process.pid, error.strerror)
                 receiver.ready = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -174,3 +175,41 @@ def test_a_stopping_node_lets_its_receivers_finish_their_associations(start_node
     finally:
         catalog.close()
     assert counter.get_sample_value("mmdl_received_instances_total", {"calling_ae": "STORESCU"}) == 30
+
+
+def test_a_stalled_receiver_does_not_hold_new_associations(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    """A receiver that stops taking connections (here SIGSTOP) holds those already handed to it; once its channel is
+    full, the node serves new associations itself instead of waiting on it. Resumed, it serves those it holds."""
+    node = start_node(node={"receivers": 1})
+    assert node.receivers is not None
+    wait_until(lambda: len(node.receivers.ready()) == 1, 60, "the receiver ready")
+    pid = node.receivers.ready()[0]
+    request = request_bytes("MMDL_NODE")
+    os.kill(pid, signal.SIGSTOP)
+    held = []
+    try:
+        for _ in range(40):  # more than its channel holds (~20)
+            held.append(socket.create_connection(("127.0.0.1", node.port)))
+            held[-1].sendall(request)
+
+        def answered_by_the_node() -> list[socket.socket]:
+            return select.select(held, [], [], 0)[0]
+
+        wait_until(lambda: node.receivers is not None
+                   and node.receivers.handed + len(answered_by_the_node()) == len(held), 30, "every request placed")
+        assert 0 < node.receivers.handed < len(held)
+        image = save(dx_synthetic(generate_uid(), "STALL1", "ST1", seed=1), tmp_path)
+        started = time.monotonic()
+        assert storescu(node, [image]).returncode == 0
+        assert time.monotonic() - started < 20
+        with node.catalog.session() as session:
+            assert session.query(Instance).filter_by(sop_uid=image.stem).count() == 1
+        waiting = [connection for connection in held if connection not in answered_by_the_node()]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for connection in waiting:  # handed to the receiver while it was stopped: answered once it goes on
+        connection.settimeout(30)
+        assert connection.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+    for connection in held:
+        connection.close()
+    assert failures(node, "receiver_exit") == 0
