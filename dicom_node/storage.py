@@ -10,7 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from dicom_node.errors import NodeError
-from indexer.durable import fsync_directory
+from indexer.durable import fsync_directory, fsync_path
 
 # Digits and dots, no empty component, at most 64 characters: nothing that can climb out of a folder.
 # (Leading zeros, which PS3.5 forbids, are still accepted: real archives have them and they are path-safe.)
@@ -76,8 +76,7 @@ class FileStore:
         own entries are known durable. After this returns the instance survives a crash."""
         final = self.absolute(relative)
         unsynced = self._make_folders(final.parent)
-        with received.open("rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(received)
         os.replace(received, final)
         fsync_directory(final.parent)
         for folder in unsynced:  # the series folder first, then the study folder

@@ -6,8 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 
-from indexer.catalog import AddOutcome, Catalog, InstanceAttrs, ReportAttrs, SeriesAttrs, StudyAttrs
+from indexer.catalog import (
+    _STUDY_AND_SERIES,
+    AddOutcome,
+    Catalog,
+    InstanceAttrs,
+    ReportAttrs,
+    SeriesAttrs,
+    StudyAttrs,
+    _DriverLookup,
+)
+from indexer.errors import IndexerError
 from indexer.schema import CatalogFact, Instance, Kind, Report, Study
 
 
@@ -41,6 +53,50 @@ def test_duplicate_and_conflict(catalog: Catalog) -> None:
     assert add(catalog, "1.1", "1.1.1.1") is AddOutcome.DUPLICATE  # the unique constraint decides races
     assert add(catalog, "1.2", "1.1.1.1") is AddOutcome.CONFLICT
     assert len(catalog.pending_images(10)) == 1
+
+
+def test_a_series_of_another_study_is_refused(catalog: Catalog) -> None:
+    assert add(catalog, "1.1", "1.1.1.1", series="9.9") is AddOutcome.STORED
+    with pytest.raises(IndexerError, match="already belongs to another study"):
+        add(catalog, "1.2", "1.2.1.1", series="9.9")
+    assert catalog.find_instance_study("1.2.1.1") is None and catalog.find_instance_study("1.1.1.1") == "1.1"
+
+
+class RecordingDriver:
+    """A DBAPI connection that records what its cursor is asked to run."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def cursor(self) -> RecordingDriver:
+        return self
+
+    def execute(self, sql: str, params: object) -> None:
+        self.calls.append((sql, params))
+
+    def fetchone(self) -> tuple[None, None, None, bool]:
+        return None, None, None, False
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("dialect", [sqlite.pysqlite.dialect(), postgresql.psycopg2.dialect(),
+                                     postgresql.psycopg.dialect(), postgresql.pg8000.dialect()],
+                         ids=lambda dialect: dialect.driver)
+def test_driver_lookups_pass_each_paramstyle_its_parameters(dialect: Dialect) -> None:
+    """The receive path's look-ups run on the driver's cursor (no PostgreSQL server here): a named paramstyle gets
+    every parameter by name, a positional one one value per placeholder, the statement's own literals included."""
+    driver = RecordingDriver()
+    _DriverLookup(_STUDY_AND_SERIES, dialect).row(driver, uid="1.5", series_uid="1.5.1", accession="ACC")
+    ((sql, params),) = driver.calls
+    if isinstance(params, dict):
+        assert {params[name] for name in ("uid", "series_uid", "accession")} == {"1.5", "1.5.1", "ACC"}
+        assert all(f"%({name})s" in sql for name in params)
+    else:
+        placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+        assert sql.count(placeholder) == len(params) == 8
+        assert params[:4] == ("1.5", "1.5.1", "1.5.1", "1.5") and params[5] == params[7] == "ACC"
 
 
 def test_a_new_study_inserted_by_another_process_meanwhile_is_joined(catalog: Catalog, tmp_path: Path) -> None:
