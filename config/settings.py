@@ -126,11 +126,16 @@ class QuerySettings(_Section):
     max_top_k: Annotated[int, Field(ge=1, le=1000)] = 100
     min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
     exclude_same_patient: bool = False
+    # How many of the most similar studies a search looks through for answers that pass its filters (findings,
+    # minimum score, same patient): bounds the time of a filter that matches few or no studies.
+    search_depth: Annotated[int, Field(ge=1, le=1_000_000)] = 2_000
 
     @model_validator(mode="after")
     def _k_within_limit(self) -> QuerySettings:
         if self.top_k > self.max_top_k:
             raise ValueError(f"top_k ({self.top_k}) must not exceed max_top_k ({self.max_top_k})")
+        if self.search_depth <= self.max_top_k:
+            raise ValueError(f"search_depth ({self.search_depth}) must exceed max_top_k ({self.max_top_k})")
         return self
 
 

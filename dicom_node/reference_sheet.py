@@ -273,7 +273,7 @@ class ReferenceSheets:
         query = self.settings.query
         return SimilarRequest(study_uid=study_uid, accession_number="",
                               top_k=top_k or self.settings.reference_sheet.top_k,
-                              min_score=query.min_score, exclude_same_patient=True)
+                              min_score=query.min_score, exclude_same_patient=True, search_depth=query.search_depth)
 
     def create(self, study_uid: str, request: SimilarRequest | None = None) -> SheetResult:
         """On request (the HTTP POST, the C-FIND option): build the sheet of a study's similar cases, keep it,

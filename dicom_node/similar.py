@@ -72,6 +72,7 @@ class SimilarRequest:
     top_k: int
     min_score: float
     exclude_same_patient: bool
+    search_depth: int  # how many of the most similar studies the filters look through (QuerySettings.search_depth)
     findings: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -163,6 +164,7 @@ def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarReques
         top_k=top_k,
         min_score=min_score,
         exclude_same_patient=defaults.exclude_same_patient if not exclude else exclude == "YES",
+        search_depth=defaults.search_depth,
         findings=findings,
     )
 
@@ -184,7 +186,11 @@ def find_similar(
     IndexLoadingError while the index loads.
 
     The findings filter keeps studies with one of the wanted findings among their shown findings
-    (``shown_findings``); without a calibration no finding is shown, so a filter keeps nothing.
+    (``shown_findings``); without a calibration no finding is shown, so a filter keeps nothing. The filters look
+    through the ``request.search_depth`` most similar studies at most, widening the search fourfold at a time:
+    a filter that few or no studies pass answers with what it found there, in bounded time. (A findings filter
+    that no study passed took 5-10 s at 100k studies when the search widened to the whole index; at 1M studies
+    it takes 0.03-0.13 s at depth 2,000, 0.3-0.5 s at 10,000, measured warm.)
     """
     if request.findings and calibration is None:  # it would keep nothing, after searching the whole index
         raise NodeError("the findings filter needs a calibrated model (mmdl-node calibrate)")
@@ -193,10 +199,11 @@ def find_similar(
     vector = from_blob(query.vector)
     wanted = set(request.findings)
     hits: list[Hit] = []
+    studies: dict[int, Study] = {}  # read once, though each wider search returns the nearer ones again
     k = request.top_k + 1
     while True:
         labels, scores = index.search(vector, k)
-        studies = catalog.studies(labels.tolist())
+        studies.update(catalog.studies([label for label in labels.tolist() if label not in studies]))
         hits = []
         for label, score in zip(labels.tolist(), scores.tolist()):
             study = studies.get(label)
@@ -211,9 +218,9 @@ def find_similar(
             if len(hits) == request.top_k:
                 return hits
         exhausted = len(labels) < k or (len(scores) and scores[-1] < request.min_score)
-        if exhausted:
+        if exhausted or k >= request.search_depth:
             return hits
-        k *= 4
+        k = min(4 * k, request.search_depth)
 
 
 def shown_findings(calibration: Calibration | None, study: Study, finding_scores: np.ndarray) -> list[tuple[str, float]]:

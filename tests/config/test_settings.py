@@ -187,3 +187,15 @@ def test_hl7_sources_and_tls_are_validated(tmp_path: Path) -> None:
     assert caught.value.problems == [f"hl7.tls.private_key: file not found, got '{tmp_path / 'hl7.key'}'"]
     (tmp_path / "hl7.key").write_text("key")
     assert load_settings(files).hl7.tls.certificate == tmp_path / "hl7.crt"
+
+
+def test_search_depth_must_exceed_the_largest_top_k(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[query]
+max_top_k = 100
+search_depth = 100
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert any(p.startswith("query:") and "search_depth (100) must exceed max_top_k (100)" in p
+               for p in caught.value.problems)
