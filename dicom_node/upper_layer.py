@@ -65,24 +65,24 @@ _NO_DATA_SET = 0x0101
 
 
 class StoreReceiving:
-    """The P-DATA-TF PDUs of an established association, read by its upper layer reactor (`WaitingDUL`) itself.
+    """The C-STORE requests of an established association, read by its upper layer reactor (`WaitingDUL`) itself.
 
     pynetdicom turns each PDU into objects, events, a state machine action and a DIMSE fragment decode (flushing
-    the file after each fragment), then hands the whole message to the association's thread; ~4 ms of CPU per
-    0.5 MB C-STORE before the handler runs. Here a C-STORE request's command set is decoded once, its data set
-    written to its file (preamble and file meta as pynetdicom writes them) as it arrives, and the request is
-    served right away, in this thread, by pynetdicom's own Storage SCP (`Association._serve_request`): the
-    handler bound to EVT_C_STORE, its status checked, the response sent through the DIMSE provider. Every other
-    message (a C-ECHO, a C-STORE response of a C-GET, a C-FIND sent on the wrong context) is given to
-    pynetdicom's DIMSE provider as its state machine gives it (action DT-2) and served by the association's
-    reactor, as before. PDUs other than P-DATA-TF, P-DATA-TF naming a presentation context not accepted, and
-    every PDU before the association is established or on a TLS connection take pynetdicom's path."""
+    the file after each fragment), then hands the whole message to the association's thread: ~4 ms of CPU per
+    0.5 MB C-STORE before the handler runs. Here, a P-DATA-TF whose first value is the whole command set of a
+    C-STORE request (as every toolkit sends it) is read in this thread: the command set is decoded once, the
+    data set written to its file (preamble and file meta as pynetdicom writes them) as it arrives, and the
+    request served right away, still in this thread, by pynetdicom's own Storage SCP
+    (`Association._serve_request`): the handler bound to EVT_C_STORE, its status checked, the response sent
+    through the DIMSE provider. Every other P-DATA-TF (a C-ECHO, a C-FIND, a C-STORE response of a C-GET, a
+    command set cut in two) takes pynetdicom's path whole, as do malformed ones, those naming a presentation
+    context not accepted, and every PDU before the association is established or on a TLS connection. A value
+    that follows the end of a C-STORE in the same PDU is given to pynetdicom's DIMSE provider as its state
+    machine would give it (action DT-2)."""
 
     def __init__(self, dul: WaitingDUL) -> None:
         self.dul = dul
-        self._command = bytearray()  # the fragments of the command set arriving
         self._store: C_STORE_RQ | None = None  # the C-STORE request whose data set is arriving
-        self._forwarding = False  # the data set arriving belongs to a message given to pynetdicom
 
     def takes_next_pdu(self) -> bool:
         """Whether the PDU waiting in the socket is a P-DATA-TF of an established association, read here."""
@@ -96,7 +96,7 @@ class StoreReceiving:
             return False
 
     def read_pdu(self) -> None:
-        """Read one P-DATA-TF and act on its presentation data values, in order."""
+        """Read one P-DATA-TF; act on its presentation data values here, or hand it to pynetdicom's path."""
         dul = self.dul
         transport = cast(AssociationSocket, dul.socket)
         try:
@@ -110,30 +110,28 @@ class StoreReceiving:
             dul.event_queue.put("Evt17")  # transport connection closed
             return
         values = self._values(body)
-        if values is None or any(context_id not in dul.assoc._accepted_cx for context_id, _, _ in values):
+        if (values is None or any(context_id not in dul.assoc._accepted_cx for context_id, _, _ in values)
+                or (self._store is None and not _starts_store(*values[0][1:]))):
             self._deliver(header + body)
             return
         for context_id, control, value in values:
-            if control & _COMMAND and self._store is not None:
+            if self._store is None:
+                if _starts_store(control, value):
+                    self._start_store(context_id, value)
+                else:
+                    self._forward(context_id, control, value)
+            elif control & _COMMAND:
                 LOG.warning("a command set arrived before the data set of the C-STORE request before it ended")
                 dul.event_queue.put("Evt19")  # invalid PDU: A-P-ABORT (the partial file is left to housekeeping)
                 return
-            if control & _COMMAND:
-                self._command += value
-                if control & _LAST:
-                    self._command_received(context_id)
-            elif self._store is not None:
+            else:
                 cast(Any, self._store._data_set_file).write(value)
                 if control & _LAST:
                     self._serve_store()
-            else:
-                self._forward(context_id, control, value)
-                if control & _LAST:
-                    self._forwarding = False
 
     def _deliver(self, pdu_data: bytes) -> None:
-        """A malformed P-DATA-TF, or one with data on a context not accepted, as pynetdicom's reactor delivers
-        it: its handlers and state machine judge it (the node's EVT_PDU_RECV handler aborts the association)."""
+        """A P-DATA-TF as pynetdicom's reactor delivers it: decoded, its events triggered, its state machine action
+        run (the node's EVT_PDU_RECV handler aborts an association sending data on a context not accepted)."""
         dul = self.dul
         try:
             pdu, event = dul._decode_pdu(bytearray(pdu_data))
@@ -147,7 +145,7 @@ class StoreReceiving:
     @staticmethod
     def _values(body: bytes) -> list[tuple[int, int, memoryview]] | None:
         """(context ID, message control header, fragment) of each PDV item of a P-DATA-TF's ``body``; None when
-        the items do not fill it exactly."""
+        the items do not fill it exactly, or there are none."""
         values, offset, view = [], 0, memoryview(body)
         while offset < len(body):
             if offset + 6 > len(body):
@@ -158,22 +156,17 @@ class StoreReceiving:
                 return None
             values.append((context_id, control, view[offset + 6:end]))
             offset = end
-        return values
+        return values or None
 
-    def _command_received(self, context_id: int) -> None:
-        encoded, self._command = bytes(self._command), bytearray()
-        header = None
+    def _start_store(self, context_id: int, encoded: memoryview) -> None:
+        """Open the file of a C-STORE request's data set, or give the request to pynetdicom when the node does not
+        take its command set (pynetdicom then judges it)."""
         try:
             command = decode(BytesIO(encoded), True, True)
-            has_data_set = command.CommandDataSetType != _NO_DATA_SET
-            if command.CommandField == _C_STORE_RQ and has_data_set and not self._forwarding:
-                syntax = self.dul.assoc._accepted_cx[context_id].transfer_syntax[0]
-                header = file_header(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
-        except Exception:  # noqa: BLE001 (a command set the fast path does not take: pynetdicom judges it)
-            has_data_set = False
-        if header is None:
-            self._forwarding = has_data_set
-            self._forward(context_id, _COMMAND | _LAST, memoryview(encoded))
+            syntax = self.dul.assoc._accepted_cx[context_id].transfer_syntax[0]
+            header = file_header(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
+        except Exception:  # noqa: BLE001
+            self._forward(context_id, _COMMAND | _LAST, encoded)
             return
         message = C_STORE_RQ()
         message.context_id = context_id
@@ -212,6 +205,23 @@ class StoreReceiving:
         self.dul.assoc.dimse.receive_primitive(primitive)
         self.dul.moved.set()
 
+
+def _starts_store(control: int, value: memoryview) -> bool:
+    """Whether a PDV is a whole command set (Implicit VR Little Endian, PS3.7 6.3.1) of a C-STORE request with a
+    data set; read without decoding it, so that the other messages go to pynetdicom at no cost."""
+    if control & (_COMMAND | _LAST) != _COMMAND | _LAST:
+        return False
+    field = data_set = None
+    offset = 0
+    while offset + 8 <= len(value):
+        group, element, length = struct.unpack_from("<HHL", value, offset)
+        if group != 0x0000:
+            return False
+        if length == 2 and element in (0x0100, 0x0800) and offset + 10 <= len(value):
+            number = struct.unpack_from("<H", value, offset + 8)[0]
+            field, data_set = (number, data_set) if element == 0x0100 else (field, number)
+        offset += 8 + length
+    return field == _C_STORE_RQ and data_set not in (None, _NO_DATA_SET)
 
 
 class WaitingDUL(DULServiceProvider):

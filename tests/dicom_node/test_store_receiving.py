@@ -70,21 +70,21 @@ def image(number: int) -> tuple[Dataset, bytes]:
 
 def test_any_cut_of_a_store_is_kept_byte_for_byte_between_echoes(start_node: Callable[..., Node]) -> None:
     node = start_node(scheduler={"interval_s": 3600})
-    (first, first_bytes), (second, second_bytes) = image(1), image(2)
+    images = [image(number) for number in range(1, 4)]
     sock = associate("127.0.0.1", node.port, "MMDL_NODE", DX, others=(Verification,))
     try:
         sock.sendall(p_data_tf(pdv(ECHO_CONTEXT, _COMMAND | _LAST, echo_command(1))))
         assert response_status(sock) == Status.SUCCESS
 
-        # the command set and the whole data set in one PDU
+        # the command set and the whole data set in one PDU, a C-ECHO request after them in the same PDU
+        (first, first_bytes), (second, second_bytes), (third, third_bytes) = images
         sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, store_command(2, first)),
-                               pdv(STORE_CONTEXT, _LAST, first_bytes)))
-        assert response_status(sock) == Status.SUCCESS
+                               pdv(STORE_CONTEXT, _LAST, first_bytes),
+                               pdv(ECHO_CONTEXT, _COMMAND | _LAST, echo_command(3))))
+        assert [response_status(sock), response_status(sock)] == [Status.SUCCESS, Status.SUCCESS]
 
-        # the command set in two PDUs, the data set in 700-byte fragments, three to a PDU, the last PDU short
-        command = store_command(3, second)
-        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND, command[:10])))
-        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, command[10:])))
+        # the data set in 700-byte fragments, three to a PDU, the last PDU short
+        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, store_command(4, second))))
         fragments = [second_bytes[start:start + 700] for start in range(0, len(second_bytes), 700)]
         values = [pdv(STORE_CONTEXT, _LAST if n == len(fragments) - 1 else 0, f) for n, f in enumerate(fragments)]
         assert len(values) % 3
@@ -92,12 +92,18 @@ def test_any_cut_of_a_store_is_kept_byte_for_byte_between_echoes(start_node: Cal
             sock.sendall(p_data_tf(*values[start:start + 3]))
         assert response_status(sock) == Status.SUCCESS
 
-        sock.sendall(p_data_tf(pdv(ECHO_CONTEXT, _COMMAND | _LAST, echo_command(4))))
+        # the command set cut in two PDUs (pynetdicom's path)
+        command = store_command(5, third)
+        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND, command[:10])))
+        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, command[10:]), pdv(STORE_CONTEXT, _LAST, third_bytes)))
+        assert response_status(sock) == Status.SUCCESS
+
+        sock.sendall(p_data_tf(pdv(ECHO_CONTEXT, _COMMAND | _LAST, echo_command(6))))
         assert response_status(sock) == Status.SUCCESS
     finally:
         release(sock)
 
-    for ds, sent in ((first, first_bytes), (second, second_bytes)):
+    for ds, sent in images:
         [(uid, path, sop_class, syntax)] = node.catalog.matching_instances(
             {"StudyInstanceUID": ds.StudyInstanceUID}, "STUDY")
         assert (uid, sop_class, syntax) == (ds.SOPInstanceUID, DX, ImplicitVRLittleEndian)
