@@ -115,7 +115,9 @@ def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
 def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """The 128-byte preamble, "DICM" and the file meta information (PS3.10 7.1) pynetdicom writes before a
     C-STORE data set it receives: its implementation class UID and version name. NotWritten when a UID is not
-    ASCII."""
+    one ASCII value."""
+    if not all(isinstance(uid, str) for uid in (sop_class_uid, sop_instance_uid, transfer_syntax)):
+        raise NotWritten("a UID of several values")
     elements = b"".join((
         struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
         _explicit(0x0002, 0x0002, b"UI", _text(sop_class_uid, b"\x00")),

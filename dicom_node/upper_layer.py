@@ -21,8 +21,8 @@ Subclasses here, used only for the associations the node accepts (through pynetd
   as `WaitingServer`s with `WaitingRequestHandler`;
 - `HandedServer`, in a receiver process, serves the connections handed to it, listening nowhere.
 
-Timers (ARTIM, network idle) are checked at least every `TIMER_CHECK_S`. The same change, made in
-pynetdicom itself, is `docs/pynetdicom-event-driven-reactors.patch`.
+Timers (ARTIM, network idle) are checked at least every `TIMER_CHECK_S`. The waiting reactors, made in
+pynetdicom itself, are `docs/pynetdicom-event-driven-reactors.patch`; `StoreReceiving` is the node's own.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.command_sets import EncodingDIMSE, file_header
@@ -78,7 +80,12 @@ class StoreReceiving:
     command set cut in two) takes pynetdicom's path whole, as do malformed ones, those naming a presentation
     context not accepted, and every PDU before the association is established or on a TLS connection. A value
     that follows the end of a C-STORE in the same PDU is given to pynetdicom's DIMSE provider as its state
-    machine would give it (action DT-2)."""
+    machine would give it (action DT-2).
+
+    While a C-STORE is served here the reactor reads nothing else: an abort from another thread (the watchdog,
+    a stop) takes effect when the store ends. A peer that sends a request before the previous one is answered
+    (the node negotiates no asynchronous operations window) may have a C-STORE served here while the association's
+    thread serves the other one."""
 
     def __init__(self, dul: WaitingDUL) -> None:
         self.dul = dul
@@ -123,11 +130,12 @@ class StoreReceiving:
             elif control & _COMMAND:
                 LOG.warning("a command set arrived before the data set of the C-STORE request before it ended")
                 dul.event_queue.put("Evt19")  # invalid PDU: A-P-ABORT (the partial file is left to housekeeping)
-                return
             else:
                 cast(Any, self._store._data_set_file).write(value)
                 if control & _LAST:
                     self._serve_store()
+            if not dul.event_queue.empty():  # an error event (17, 19), here or in pynetdicom: the rest is dropped
+                return
 
     def _deliver(self, pdu_data: bytes) -> None:
         """A P-DATA-TF as pynetdicom's reactor delivers it: decoded, its events triggered, its state machine action
@@ -160,9 +168,11 @@ class StoreReceiving:
 
     def _start_store(self, context_id: int, encoded: memoryview) -> None:
         """Open the file of a C-STORE request's data set, or give the request to pynetdicom when the node does not
-        take its command set (pynetdicom then judges it)."""
+        take its command set or its SOP class is not a storage class (pynetdicom then judges it)."""
         try:
             command = decode(BytesIO(encoded), True, True)
+            if not issubclass(uid_to_service_class(command.AffectedSOPClassUID), StorageServiceClass):
+                raise ValueError("not a storage SOP class")  # pynetdicom answers it (it aborts the association)
             syntax = self.dul.assoc._accepted_cx[context_id].transfer_syntax[0]
             header = file_header(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
         except Exception:  # noqa: BLE001
@@ -187,16 +197,22 @@ class StoreReceiving:
             LOG.exception("received an invalid C-STORE request")
             self.dul.event_queue.put("Evt19")
             return
-        self._wait_established()
-        assoc._serve_request(request, cast(int, message.context_id))
+        if self._established():
+            assoc._serve_request(request, cast(int, message.context_id))
+        else:  # aborted meanwhile: not served, as pynetdicom serves no request after an abort
+            cast(Path, message._data_set_path).unlink(missing_ok=True)
 
-    def _wait_established(self) -> None:
-        """The association's thread marks it established just after the A-ASSOCIATE-AC is queued: a peer may send
-        its first request before that. (pynetdicom serves requests only from that thread's loop, once established.)"""
+    def _established(self) -> bool:
+        """Whether the association is established, once its thread has marked it so: that thread does it just after
+        the A-ASSOCIATE-AC is queued, and a peer may send its first request before that. False once it is being
+        aborted or killed (pynetdicom then serves no more requests)."""
         assoc = self.dul.assoc
         deadline = time.monotonic() + (assoc.acse_timeout or 30)
-        while not assoc.is_established and not assoc.is_aborted and time.monotonic() < deadline:
+        while not assoc.is_established and time.monotonic() < deadline:
+            if assoc._kill or assoc._sent_abort or assoc.is_aborted:
+                return False
             time.sleep(0.001)
+        return bool(assoc.is_established)
 
     def _forward(self, context_id: int, control: int, value: memoryview) -> None:
         """Give the fragment to pynetdicom's DIMSE provider (what action DT-2 does) and wake the association."""
@@ -234,6 +250,7 @@ class WaitingDUL(DULServiceProvider):
         self.moved = threading.Event()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)  # this thread rings itself too (a response sent by StoreReceiving)
         self.store_receiving = StoreReceiving(self)
 
     def _read_pdu_data(self) -> None:
@@ -343,6 +360,12 @@ class WaitingAssociation(Association):
         self.dimse = EncodingDIMSE(self)
         # Association's timeout setters configure the upper layer's timers: configure the new one's.
         self.acse_timeout, self.network_timeout = self.acse_timeout, self.network_timeout
+
+    def _abort_blocking(self, block: bool = True) -> None:
+        """pynetdicom's abort, which never waits from the upper layer's own thread (a C-STORE served there by
+        `StoreReceiving`, aborted by pynetdicom's service code): that thread would wait for itself to stop. It
+        queues the A-ABORT and returns, as an abort from an event handler does."""
+        super()._abort_blocking(block and threading.current_thread() is not self.dul)
 
     def _run_reactor(self) -> None:
         self._is_paused = False

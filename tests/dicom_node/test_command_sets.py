@@ -9,6 +9,7 @@ from io import BytesIO
 import pytest
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filewriter import write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import dimse_primitives
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
@@ -112,3 +113,5 @@ def test_file_header_is_what_pynetdicom_writes_before_a_received_data_set(sop_in
     assert file_header(sop_class, sop_instance, syntax) == expected.getvalue()
     with pytest.raises(NotWritten):
         file_header(sop_class, "1.2.\u00e9", syntax)
+    with pytest.raises(NotWritten):  # pydicom would write the values joined by a backslash
+        file_header(sop_class, MultiValue(str, ["1.2", "1.3"]), syntax)  # type: ignore[arg-type]

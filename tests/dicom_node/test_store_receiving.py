@@ -24,6 +24,7 @@ from dicom_node.command_sets import command_set
 from dicom_node.server import Node
 from dicom_node.status import Status
 from tests.dicom_node.builders import dx_synthetic
+from tests.helpers import wait_until
 
 STORE_CONTEXT, ECHO_CONTEXT = 1, 3  # as `associate` numbers them
 _COMMAND, _LAST = 0x01, 0x02
@@ -38,10 +39,10 @@ def p_data_tf(*values: bytes) -> bytes:
     return struct.pack(">BBL", 0x04, 0, len(body)) + body
 
 
-def store_command(message_id: int, ds: Dataset) -> bytes:
+def store_command(message_id: int, ds: Dataset, sop_class: str = "") -> bytes:
     request = C_STORE()
     request.MessageID, request.Priority = message_id, 2
-    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class or ds.SOPClassUID, ds.SOPInstanceUID
     request.DataSet = BytesIO(b"\0")  # a data set follows (CommandDataSetType)
     return command_set(request)
 
@@ -137,3 +138,21 @@ def test_a_command_inside_a_data_set_aborts_and_stores_nothing(start_node: Calla
         assert response_status(sock) == Status.SUCCESS
     finally:
         release(sock)
+
+
+def test_a_store_request_of_a_class_that_is_not_storage_is_aborted_like_pynetdicom(start_node: Callable[..., Node]) -> None:
+    """On an accepted storage context, a C-STORE request naming a SOP class pynetdicom has no storage service for:
+    pynetdicom aborts the association, as without the node's own reading; the association's threads end."""
+    node = start_node(scheduler={"interval_s": 3600})
+    ds, sent = image(5)
+    sock = associate("127.0.0.1", node.port, "MMDL_NODE", DX)
+    try:
+        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, store_command(1, ds, sop_class="1.2.3.4.5")),
+                               pdv(STORE_CONTEXT, _LAST, sent)))
+        sock.settimeout(10)
+        kind, _ = read_pdu(sock)
+        assert kind == 0x07  # A-ABORT
+    finally:
+        sock.close()
+    wait_until(lambda: not node.ae.active_associations, 10, "the association's threads to end")
+    assert node.catalog.matching_instances({"StudyInstanceUID": ds.StudyInstanceUID}, "STUDY") == []
