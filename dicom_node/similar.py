@@ -192,7 +192,7 @@ def find_similar(
     that no study passed took 5-10 s at 100k studies when the search widened to the whole index; at 1M studies
     it takes 0.03-0.13 s at depth 2,000, 0.3-0.5 s at 10,000, measured warm.)
     """
-    if request.findings and calibration is None:  # it would keep nothing, after searching the whole index
+    if request.findings and calibration is None:  # it would keep nothing, after searching search_depth studies
         raise NodeError("the findings filter needs a calibrated model (mmdl-node calibrate)")
     if not index.ready:
         raise IndexLoadingError(index.state)

@@ -199,9 +199,7 @@ def test_a_stalled_receiver_does_not_hold_new_associations(start_node: Callable[
                    and node.receivers.handed + len(answered_by_the_node()) == len(held), 30, "every request placed")
         assert 0 < node.receivers.handed < len(held)
         image = save(dx_synthetic(generate_uid(), "STALL1", "ST1", seed=1), tmp_path)
-        started = time.monotonic()
-        assert storescu(node, [image]).returncode == 0
-        assert time.monotonic() - started < 20
+        assert storescu(node, [image]).returncode == 0  # not held: dcmtk's ACSE timeout would fail it
         with node.catalog.session() as session:
             assert session.query(Instance).filter_by(sop_uid=image.stem).count() == 1
         waiting = [connection for connection in held if connection not in answered_by_the_node()]
