@@ -1,7 +1,8 @@
 """C-STORE requests read by the upper layer reactor itself (`dicom_node.upper_layer.StoreReceiving`): however a
 peer cuts a message into PDVs and packs them into PDUs, each dataset is kept byte for byte under the file meta
 pynetdicom writes, and answered; other messages on the same association still reach pynetdicom's service classes;
-a command set inside a data set ends the association at once, without storing anything."""
+a command set inside a data set ends the association at once, without storing anything; a C-STORE request of a
+class that is not a storage class is aborted as pynetdicom aborts it."""
 from __future__ import annotations
 
 import socket
