@@ -116,6 +116,15 @@ def blocking_round_trip(port: int, study_uid: str) -> tuple[float, list[str]]:
     return time.perf_counter() - start, uids
 
 
+def wait_for_port(port: int, node: subprocess.Popen[bytes], log: Path, started: float) -> float:
+    """Seconds from ``started`` until the node's DICOM ``port`` accepts connections; exits if the node does not start."""
+    while not port_open(port):
+        if node.poll() is not None or time.monotonic() - started > 600:
+            raise SystemExit(f"the node did not start; see {log}")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
 def wait_for_index(port: int, study_uid: str, node: subprocess.Popen[bytes]) -> float:
     """Poll GET /api/studies/{uid}/similar (a new connection each time) until it answers 200: the node answers
     503 while its index loads. Returns the longest poll in ms: the node stalls while hnswlib parses the
@@ -292,11 +301,7 @@ def main() -> int:
     started = time.monotonic()
     node = serve(config, folder / "node.log", args.node_tree)
     try:
-        while not port_open(port):
-            if node.poll() is not None or time.monotonic() - started > 600:
-                raise SystemExit(f"the node did not start; see {folder / 'node.log'}")
-            time.sleep(0.02)
-        startup = time.monotonic() - started
+        startup = wait_for_port(port, node, folder / "node.log", started)
         figures.append({**base, "figure": "startup_s", "value": round(startup, 2), "load": load()})
         rng = np.random.default_rng(1)
         picks = rng.choice(len(vectors), size=min(args.queries, len(vectors)), replace=False)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from bench.populate import synthetic_uid
-from bench.query import load, machine, serve, wait_for_index
-from tests.helpers import free_port, port_open
+from bench.query import load, machine, serve, wait_for_index, wait_for_port
+from tests.helpers import free_port
 
 
 def main() -> int:
@@ -38,11 +38,7 @@ def main() -> int:
     started = time.monotonic()
     node = serve(config, folder / "node-startup.log", args.node_tree)
     try:
-        while not port_open(port):
-            if node.poll() is not None:
-                raise SystemExit(f"the node did not start; see {folder / 'node-startup.log'}")
-            time.sleep(0.01)
-        port_open_s = time.monotonic() - started
+        port_open_s = wait_for_port(port, node, folder / "node-startup.log", started)
         longest_ms = wait_for_index(web_port, synthetic_uid(1), node)
         ready_s = time.monotonic() - started
     finally:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -111,7 +111,6 @@ class _Receiver:
     process: subprocess.Popen[bytes]
     channel: socket.socket  # the node's end: connections out, reports in
     ready: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Receivers:
@@ -191,10 +190,9 @@ class Receivers:
             if not receiver.ready:
                 continue
             try:
-                with receiver.lock:
-                    # socket.send_fds would ignore the flag (Python 3.11)
-                    receiver.channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                       array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
+                # One packet each (SOCK_SEQPACKET), never waiting; socket.send_fds would ignore the flag (Python 3.11).
+                receiver.channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
             except BlockingIOError:  # ~20 connections wait in its channel unread (_HAND_OFF_BUFFER): it is stalled
                 LOG.warning("receiver process %d is not taking the connections handed to it; serving elsewhere",
                             receiver.process.pid)

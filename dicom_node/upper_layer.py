@@ -107,7 +107,7 @@ class StoreReceiving:
         dul = self.dul
         transport = cast(AssociationSocket, dul.socket)
         try:
-            header = transport.recv(6)
+            header = transport.recv(6)  # a bytearray: header + body is one too, as pynetdicom decodes it
             length = struct.unpack_from(">L", header, 2)[0] if len(header) == 6 else -1
             body = transport.recv(length) if length >= 0 else b""
         except OSError:  # reset, or the network timeout
@@ -137,12 +137,12 @@ class StoreReceiving:
             if not dul.event_queue.empty():  # an error event (17, 19), here or in pynetdicom: the rest is dropped
                 return
 
-    def _deliver(self, pdu_data: bytes) -> None:
+    def _deliver(self, pdu_data: bytearray) -> None:
         """A P-DATA-TF as pynetdicom's reactor delivers it: decoded, its events triggered, its state machine action
         run (the node's EVT_PDU_RECV handler aborts an association sending data on a context not accepted)."""
         dul = self.dul
         try:
-            pdu, event = dul._decode_pdu(bytearray(pdu_data))
+            pdu, event = dul._decode_pdu(pdu_data)
         except Exception:  # noqa: BLE001 (as pynetdicom: an undecodable PDU is event 19, the association aborted)
             LOG.error("a received P-DATA-TF PDU cannot be decoded")
             dul.event_queue.put("Evt19")

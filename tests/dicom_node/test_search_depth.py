@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import insert
 
 from dicom_node.similar import SimilarRequest, find_similar
-from indexer.catalog import Catalog
+from indexer.catalog import Catalog, to_blob
 from indexer.schema import Study
 from indexer.vector_index import HnswParams, VectorIndex
 
@@ -29,10 +29,6 @@ class CountingIndex(VectorIndex):
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         self.asked.append(k)
         return super().search(vector, k)
-
-
-def to_blob(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype=np.float32).tobytes()
 
 
 @pytest.fixture()
