@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,9 @@ class Services:
     held: HeldSyntaxes
     calibration: Calibration | None = None  # of the node's model: calibrated findings and match probability
     sheets: ReferenceSheets | None = None  # the reference-sheet option of similar-case queries
+    # The node's acceptor associations, its receiver processes' included (None in a receiver: the node hands it
+    # none beyond the limit, and pynetdicom counts its own).
+    associations: Callable[[], int] | None = None
 
 
 def status(code: Status, comment: str = "") -> Dataset | int:
@@ -101,6 +104,10 @@ def handle_requested(event: Event, services: Services) -> None:
         LOG.warning("association from %s rejected: it came from %s, not from its configured host", calling,
                     event.assoc.requestor.address)
         _reject(event, REJECT_CALLING_AET)
+    elif services.associations is not None and services.associations() > node.max_associations:
+        LOG.warning("association from %s rejected: node.max_associations (%d) reached, receivers included", calling,
+                    node.max_associations)
+        _reject(event, REJECT_NO_RESOURCES)
     elif not services.store.has_room():
         LOG.error("association from %s rejected: free disk space below the configured watermark", calling)
         _reject(event, REJECT_NO_RESOURCES)

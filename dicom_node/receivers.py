@@ -16,7 +16,8 @@ each new (SOP class, transfer syntax) pair it holds (C-GET negotiation). It is k
 hands connections only to receivers that said they are ready; one that exits is left out, and with none left the
 node serves every association itself. A hand-off never waits: while a receiver has not taken the connections
 already handed to it (it is stalled or stopped), the next receiver or the node serves the association.
-``max_associations`` applies to each process.
+``max_associations`` is the node's limit, its receivers' associations included: a receiver reports each connection
+it is done with, and the node hands none over once the limit is reached (it refuses the association itself).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,25 +113,34 @@ class _Receiver:
     process: subprocess.Popen[bytes]
     channel: socket.socket  # the node's end: connections out, reports in
     ready: bool = False
+    handed: int = 0  # connections handed to it so far
+    done: int = 0  # of which it reported it is done (a count, as it reported last)
 
 
 class Receivers:
     """The node's receiver processes (``settings.node.receivers`` of them) and the hand-off of connections to them;
-    what they report goes into ``metrics`` and ``held``."""
+    what they report goes into ``metrics`` and ``held``. ``associations`` counts the node's acceptor associations,
+    its receivers' (``serving``) included: no connection is handed over once it reaches ``max_associations``."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, held: HeldSyntaxes) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, held: HeldSyntaxes,
+                 associations: Callable[[], int]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.held = held
+        self.associations = associations
         self._receivers: list[_Receiver] = []
         self._turn = itertools.count()
         self._stopping = False
         self.handed = 0  # connections handed to a receiver so far
-        self._count = threading.Lock()
+        self._handing = threading.Lock()
 
     def ready(self) -> list[int]:
         """The process IDs of the receivers taking connections."""
         return [receiver.process.pid for receiver in self._receivers if receiver.ready]
+
+    def serving(self) -> int:
+        """How many of the connections handed over the receivers are serving or have not taken yet."""
+        return sum(receiver.handed - receiver.done for receiver in self._receivers)
 
     def start(self) -> None:
         """Start the receivers; each takes connections once it said it is ready. A receiver is killed when the
@@ -167,6 +178,8 @@ class Receivers:
                 self.metrics.failed(report["failed"])
             elif "held" in report:
                 self.held.add(*report["held"])
+            elif "done" in report:  # reports sent by several threads may arrive out of order
+                receiver.done = max(receiver.done, report["done"])
             elif "ready" in report:
                 receiver.ready = True
                 LOG.info("receiver process %d ready", receiver.process.pid)
@@ -175,6 +188,7 @@ class Receivers:
             LOG.error("receiver process %d exited (code %s); the node serves its share of associations",
                       receiver.process.pid, receiver.process.wait())
         receiver.ready = False
+        receiver.done = receiver.handed  # its connections closed with it
 
     def hand_off(self, connection: socket.socket) -> bool:
         """Hand ``connection``, just accepted, to a ready receiver if one serves the association it requests; True
@@ -184,27 +198,31 @@ class Receivers:
         request = associate_request(connection, self.settings.node.acse_timeout_s)
         if request is None or not receiver_serves(request, self.settings.node.ae_title):
             return False
-        start = next(self._turn)
-        for offset in range(len(self._receivers)):
-            receiver = self._receivers[(start + offset) % len(self._receivers)]
-            if not receiver.ready:
-                continue
-            try:
-                # One packet each (SOCK_SEQPACKET), never waiting; socket.send_fds would ignore the flag (Python 3.11).
-                receiver.channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
-            except BlockingIOError:  # ~20 connections wait in its channel unread (_HAND_OFF_BUFFER): it is stalled
-                LOG.warning("receiver process %d is not taking the connections handed to it; serving elsewhere",
-                            receiver.process.pid)
-                continue
-            except OSError as error:  # it has just exited (its exit is logged when the node sees it): the next one
-                LOG.warning("receiver process %d takes no connection (%s)", receiver.process.pid, error.strerror)
-                receiver.ready = False
-                continue
-            connection.close()
-            with self._count:
+        with self._handing:  # one hand-off at a time: each sees the associations of those before it
+            if self.associations() >= self.settings.node.max_associations:
+                return False  # the node refuses it (handle_requested): its limit counts the receivers' associations
+            start = next(self._turn)
+            for offset in range(len(self._receivers)):
+                receiver = self._receivers[(start + offset) % len(self._receivers)]
+                if not receiver.ready:
+                    continue
+                try:
+                    # One packet each (SOCK_SEQPACKET), never waiting; socket.send_fds would ignore the flag
+                    # (Python 3.11).
+                    receiver.channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                       array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
+                except BlockingIOError:  # ~20 connections wait in its channel unread (_HAND_OFF_BUFFER): stalled
+                    LOG.warning("receiver process %d is not taking the connections handed to it; serving elsewhere",
+                                receiver.process.pid)
+                    continue
+                except OSError as error:  # it has just exited (its exit is logged when the node sees it): the next
+                    LOG.warning("receiver process %d takes no connection (%s)", receiver.process.pid, error.strerror)
+                    receiver.ready = False
+                    continue
+                connection.close()
+                receiver.handed += 1
                 self.handed += 1
-            return True
+                return True
         return False
 
     def stop(self) -> None:
@@ -289,6 +307,12 @@ def serve(settings: Settings, channel: socket.socket) -> None:
     ae = build_ae(settings)
     server = ae.make_server((node.host, node.port), evt_handlers=storage_handlers(services, watchdog),
                             server_class=HandedServer)
+    done = itertools.count(1)
+
+    def connection_done() -> None:  # the node counts the connections its receivers serve
+        reports.send(done=next(done))
+
+    server.connection_done = connection_done
     reports.send(ready=os.getpid())
     sweep_every = min(5.0, node.message_timeout_s / 4)  # the watchdog's, as the node's housekeeping job
     swept = time.monotonic()
@@ -307,6 +331,7 @@ def serve(settings: Settings, channel: socket.socket) -> None:
                         address = connection.getpeername()
                     except OSError:  # the peer has gone already
                         connection.close()
+                        connection_done()
                         continue
                     server.process_request(connection, address)
             if time.monotonic() - swept >= sweep_every:

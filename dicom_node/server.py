@@ -109,7 +109,7 @@ class Node:
         self.sheets = ReferenceSheets(settings, self.catalog, self.index, self.store, ingestor, self.renderer,
                                       calibration)
         self.services = Services(settings, self.catalog, self.store, ingestor, self.index, self.metrics,
-                                 held, calibration, self.sheets)
+                                 held, calibration, self.sheets, self.associations)
         self.job = EmbeddingJob(
             self.catalog,
             self.index,
@@ -154,7 +154,7 @@ class Node:
         self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers,
                                             ssl_context=tls_context(self.settings.tls))
         if node.receivers:
-            self.receivers = Receivers(self.settings, self.metrics, services.held)
+            self.receivers = Receivers(self.settings, self.metrics, services.held, self.associations)
             self.receivers.start()
             self._server.hand_off = self.receivers.hand_off
         if self.settings.hl7.enabled:
@@ -177,6 +177,12 @@ class Node:
         self.scheduler.start()
         LOG.info("node %s / %s listening on %s:%d, similarity index %s", node.ae_title, node.similar_ae_title,
                  node.host, self.port, self.index.state)
+
+    def associations(self) -> int:
+        """The node's acceptor associations, those its receiver processes serve included (its limit's count)."""
+        receivers = self.receivers  # stop() may set it to None meanwhile
+        here = sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
+        return here + (receivers.serving() if receivers is not None else 0)
 
     def _receivers_ready(self) -> str | None:
         """How many receiver processes take associations ("1/2 ready"); None when the node has none."""

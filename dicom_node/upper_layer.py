@@ -361,6 +361,14 @@ class WaitingAssociation(Association):
         # Association's timeout setters configure the upper layer's timers: configure the new one's.
         self.acse_timeout, self.network_timeout = self.acse_timeout, self.network_timeout
 
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:  # the connection is closed: tell a server that counts them (a receiver process' HandedServer)
+            server = self._server
+            if isinstance(server, WaitingServer) and server.connection_done is not None:
+                server.connection_done()
+
     def _abort_blocking(self, block: bool = True) -> None:
         """pynetdicom's abort, which never waits from the upper layer's own thread (a C-STORE served there by
         `StoreReceiving`, aborted by pynetdicom's service code): that thread would wait for itself to stop. It
@@ -469,9 +477,11 @@ class WaitingServer(ThreadedAssociationServer):
     association of the process. Python's own collector still collects what associations leave behind.
 
     ``hand_off``, when set, is offered each accepted connection first; when it returns True it has taken the
-    connection (`dicom_node.receivers`)."""
+    connection (`dicom_node.receivers`). ``connection_done``, when set, is called once per connection served here
+    when the server is done with it (its association's thread ends)."""
 
     hand_off: Callable[[socket.socket], bool] | None = None
+    connection_done: Callable[[], None] | None = None
 
     def service_actions(self) -> None:
         pass
@@ -487,6 +497,17 @@ class HandedServer(WaitingServer):
 
     def server_activate(self) -> None:
         pass
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve a connection handed over: its association's thread is started right here (a listening server
+        starts a thread to do that). A connection no association could be made for is closed and done."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 (as pynetdicom's threaded server: logged, the connection closed)
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+            if self.connection_done is not None:
+                self.connection_done()
 
 
 class WaitingAE(AE):

@@ -179,8 +179,9 @@ def test_a_stopping_node_lets_its_receivers_finish_their_associations(start_node
 
 def test_a_stalled_receiver_does_not_hold_new_associations(start_node: Callable[..., Node], tmp_path: Path) -> None:
     """A receiver that stops taking connections (here SIGSTOP) holds those already handed to it; once its channel is
-    full, the node serves new associations itself instead of waiting on it. Resumed, it serves those it holds."""
-    node = start_node(node={"receivers": 1})
+    full, the node serves new associations itself instead of waiting on it. Resumed, it serves those it holds.
+    (Those it holds count as associations: the limit is set above the 40 opened here.)"""
+    node = start_node(node={"receivers": 1, "max_associations": 100})
     assert node.receivers is not None
     wait_until(lambda: len(node.receivers.ready()) == 1, 60, "the receiver ready")
     pid = node.receivers.ready()[0]

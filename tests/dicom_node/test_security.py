@@ -18,6 +18,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verific
 from dicom_node.server import Node
 from dicom_node.status import Status
 from tests.dicom_node.builders import dx_from_png, dx_synthetic, save
+from tests.dicom_node.peers import FIND
 from tests.helpers import dcmtk, wait_until
 
 
@@ -67,19 +68,34 @@ def test_disk_watermark_refuses_stores_and_new_associations(start_node: Callable
     again.release()
 
 
-def test_association_limit(start_node: Callable[..., Node]) -> None:
-    node = start_node(node={"max_associations": 3})
-    ae = AE("PACS")
-    ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE") for _ in range(3)]
+@pytest.mark.parametrize("receivers", [0, 1])
+def test_association_limit(start_node: Callable[..., Node], receivers: int) -> None:
+    """node.max_associations is the node's limit: with a receiver process, the associations handed to it count
+    too. The next association, handed over or kept by the node, is refused as over the local limit."""
+    node = start_node(node={"max_associations": 3, "receivers": receivers})
+    if node.receivers is not None:
+        wait_until(lambda: len(node.receivers.ready()) == receivers, 60, "the receiver ready")
+    echo, query = AE("PACS"), AE("VIEWER")
+    echo.add_requested_context(Verification)  # what a receiver serves
+    query.add_requested_context(FIND)  # what the node keeps
+    held = [echo.associate("127.0.0.1", node.port, ae_title="MMDL_NODE") for _ in range(2)]
+    held.append(query.associate("127.0.0.1", node.port, ae_title="MMDL_NODE"))
     assert all(a.is_established for a in held)
-    extra = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
-    assert extra.is_rejected
+    assert node.receivers is None or node.receivers.handed == 2
+    for ae in (echo, query):
+        extra = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
+        assert extra.is_rejected
+        assert (extra.acceptor.primitive.result, extra.acceptor.primitive.result_source,
+                extra.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+    assert node.receivers is None or node.receivers.handed == 2  # the one refused was not handed over
     for assoc in held:
         assoc.release()
-    after = ae.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")
-    assert after.is_established and after.send_c_echo().Status == 0
-    after.release()
+    wait_until(lambda: node.associations() == 0, 30, "the associations counted as ended")
+    after = [echo.associate("127.0.0.1", node.port, ae_title="MMDL_NODE") for _ in range(3)]
+    assert all(a.is_established and a.send_c_echo().Status == 0 for a in after)
+    assert node.receivers is None or node.receivers.handed == 5
+    for assoc in after:
+        assoc.release()
 
 
 @pytest.mark.parametrize("receivers", [0, 1])
