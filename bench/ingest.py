@@ -17,7 +17,7 @@ Prints one JSON line per figure (median over rounds) and a Markdown table. Run f
 
     .venv/bin/python -m bench.ingest --rounds 3
     .venv/bin/python -m bench.ingest --rounds 3 --baseline-tree /work/before   # a worktree of an earlier commit
-    .venv/bin/python -m bench.ingest --rounds 3 --receivers 2   # the node with two receiver processes
+    .venv/bin/python -m bench.ingest --rounds 3 --receivers 2   # the nodes with two receiver processes each
 """
 from __future__ import annotations
 
@@ -144,7 +144,10 @@ def main() -> int:
     parser.add_argument("--baseline-tree", type=Path,
                         help="also serve a node from this checkout (an earlier commit) and time both in turns")
     parser.add_argument("--receivers", type=int, default=0,
-                        help="[node] receivers of the node (not of the baseline node); their CPU time is counted")
+                        help="[node] receivers of the node; their CPU time is counted")
+    parser.add_argument("--baseline-receivers", type=int,
+                        help="[node] receivers of the baseline node (default: --receivers; 0 for a checkout older "
+                             "than receiver processes)")
     args = parser.parse_args()
     args.work = args.work.resolve()
 
@@ -152,12 +155,14 @@ def main() -> int:
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "storescp").mkdir(parents=True)
     trees = {"mmdl-node": args.node_tree, **({"baseline-node": args.baseline_tree} if args.baseline_tree else {})}
+    receivers = {"mmdl-node": args.receivers,
+                 "baseline-node": args.receivers if args.baseline_receivers is None else args.baseline_receivers}
     nodes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     for name, tree in trees.items():
         port = free_port()
-        receivers = f"receivers = {args.receivers}\n" if name == "mmdl-node" and args.receivers else ""
+        line = f"receivers = {receivers[name]}\n" if receivers[name] else ""
         (folder / f"{name}.toml").write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{name}-data"\n'
-                                           f'{receivers}[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
+                                           f'{line}[scheduler]\ninterval_s = 86400\n[logging]\nlevel = "WARNING"\n')
         nodes[name] = serve(folder / f"{name}.toml", folder / f"{name}.log", tree), port
     scp_port = free_port()
     scp = subprocess.Popen(["storescp", "-od", str(folder / "storescp"), str(scp_port)], env=dcmtk_env(),
@@ -170,7 +175,7 @@ def main() -> int:
         for name, (process, port) in nodes.items():
             wait_port(port, process, name)
         wait_port(scp_port, scp, "storescp")
-        if args.receivers:
+        if any(receivers[name] for name in nodes):
             time.sleep(5)  # receivers take connections ~1.5 s after the port opens (their "ready" line is at INFO)
         for round_number in range(args.rounds):
             for size, side in SIZES.items():
@@ -212,7 +217,8 @@ def main() -> int:
         for parallel in PARALLEL:
             median = {t: statistics.median(rates[(size, parallel, t)]) for t in targets}
             figure = {"bench": "ingest", "machine": machine(), "size": size, "associations": parallel,
-                      "rounds": args.rounds, **{f"{t}_per_s": round(v, 1) for t, v in median.items()},
+                      "rounds": args.rounds, "receivers": {name: receivers[name] for name in nodes},
+                      **{f"{t}_per_s": round(v, 1) for t, v in median.items()},
                       **{f"{name}_cpu_ms_per_image": round(statistics.median(node_cpu[(size, parallel, name)]), 2)
                          for name in nodes},
                       "storescu_cpu_ms_per_image": round(statistics.median(sender_cpu[(size, parallel)]), 2),
@@ -225,7 +231,8 @@ def main() -> int:
                       "load_at_round_start": loads[(size, parallel)]}
             print(json.dumps(figure))
             rows.append(figure)
-    print(f"\n{machine()}; images/s, median of {args.rounds} rounds; node CPU ms per image\n")
+    print(f"\n{machine()}; images/s, median of {args.rounds} rounds; node CPU ms per image; receiver processes: "
+          + ", ".join(f"{name} {receivers[name]}" for name in nodes) + "\n")
     columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes),
                "storescu_cpu_ms_per_image", "node_vs_storescp",
                "node_vs_disk", "node_vs_disk_layout", "node_vs_one_association"]
