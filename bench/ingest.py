@@ -7,8 +7,9 @@ holds without writing it again), then times storescu to the node (and, with --ba
 served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
 of the same bytes into the node's data dir's file system: as plain files, and as the node lays out new studies
 (``durable_writes``: the least a receiver keeping them durably in that layout must do). It reads each node's CPU
-time per image over its storescu run (its receiver processes' included) and storescu's own CPU time per image:
-on one machine the senders share the node's cores. The nodes run with their embedding job held off
+time per image over its storescu run (its receiver processes' included), storescu's own CPU time per image (on one
+machine the senders share the node's cores) and the CPU time per image of the plain writes with fsync (the kernel's
+work for a durable write is CPU time too). The nodes run with their embedding job held off
 (scheduler.interval_s = 1 day) so that the receive path is measured alone. dcmtk tools run with TCP_NODELAY=1.
 Each timed step starts after a sync: on ext4 (data=ordered) an fsync also waits for the write-back of other files'
 dirty pages, so without it whatever wrote without fsync just before (the input files, storescp) would be paid for
@@ -78,8 +79,9 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[
     return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
-def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool = False) -> float:
-    """Seconds to write each file's bytes durably (``parallel`` writers): to a new file with fsync, or with ``layout``
+def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool = False) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process, the kernel's work for it included) to write each file's bytes durably
+    (``parallel`` writers): to a new file with fsync, or with ``layout``
     as the node keeps an instance of a new study (without its catalog row): written and fsynced in an incoming
     folder, renamed into new study and series folders, then the series folder, the study folder and the root
     fsynced."""
@@ -101,12 +103,14 @@ def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool 
             for directory in (series, series.parent, folder):
                 fsync_directory(directory)
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(write, payloads))
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     shutil.rmtree(folder)
-    return seconds
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -171,6 +175,7 @@ def main() -> int:
     loads: dict[tuple[str, int], list[str]] = {}
     node_cpu: dict[tuple[str, int, str], list[float]] = {}  # each node's CPU ms per image
     sender_cpu: dict[tuple[str, int], list[float]] = {}  # storescu's CPU ms per image, sending to the node
+    fsync_cpu: dict[tuple[str, int], list[float]] = {}  # CPU ms per image of writing it with fsync (disk_fsync)
     try:
         for name, (process, port) in nodes.items():
             wait_port(port, process, name)
@@ -199,10 +204,12 @@ def main() -> int:
                     shutil.rmtree(folder / "storescp")  # unsynced: deleted before their pages are written back
                     (folder / "storescp").mkdir()
                     os.sync()
-                    timings["disk_fsync"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel)
+                    timings["disk_fsync"], disk_cpu = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files,
+                                                                     parallel)
+                    fsync_cpu.setdefault((size, parallel), []).append(disk_cpu * 1000 / count)
                     os.sync()
                     timings["disk_layout"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel,
-                                                            layout=True)
+                                                            layout=True)[0]
                     for target, seconds in timings.items():
                         rates.setdefault((size, parallel, target), []).append(count / seconds)
     finally:
@@ -222,6 +229,7 @@ def main() -> int:
                       **{f"{name}_cpu_ms_per_image": round(statistics.median(node_cpu[(size, parallel, name)]), 2)
                          for name in nodes},
                       "storescu_cpu_ms_per_image": round(statistics.median(sender_cpu[(size, parallel)]), 2),
+                      "disk_fsync_cpu_ms_per_image": round(statistics.median(fsync_cpu[(size, parallel)]), 2),
                       "node_vs_storescp": round(median["mmdl-node"] / median["storescp"], 2),
                       "node_vs_disk": round(median["mmdl-node"] / median["disk_fsync"], 2),
                       "node_vs_disk_layout": round(median["mmdl-node"] / median["disk_layout"], 2),
@@ -234,7 +242,7 @@ def main() -> int:
     print(f"\n{machine()}; images/s, median of {args.rounds} rounds; node CPU ms per image; receiver processes: "
           + ", ".join(f"{name} {receivers[name]}" for name in nodes) + "\n")
     columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes),
-               "storescu_cpu_ms_per_image", "node_vs_storescp",
+               "storescu_cpu_ms_per_image", "disk_fsync_cpu_ms_per_image", "node_vs_storescp",
                "node_vs_disk", "node_vs_disk_layout", "node_vs_one_association"]
     print("| size | assocs | " + " | ".join(columns) + " | load at start |")
     print("| --- " * (len(columns) + 3) + "|")
