@@ -364,7 +364,7 @@ class WaitingAssociation(Association):
     def run(self) -> None:
         try:
             super().run()
-        finally:  # the connection is closed: tell a server that counts them (a receiver process' HandedServer)
+        finally:  # the association has ended: tell a server that counts its connections (a receiver's HandedServer)
             server = self._server
             if isinstance(server, WaitingServer) and server.connection_done is not None:
                 server.connection_done()
