@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
+MAX_ASSOCIATIONS = 1000  # the most node.max_associations may be
 
 
 def _check_ae_title(value: str) -> str:
@@ -39,7 +40,7 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     data_dir: Path = Path("mmdl-data")
-    max_associations: Annotated[int, Field(ge=1, le=1000)] = 25
+    max_associations: Annotated[int, Field(ge=1, le=MAX_ASSOCIATIONS)] = 25
     max_pdu_size: Annotated[int, Field(ge=0)] = 262144
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0

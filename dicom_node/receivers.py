@@ -14,10 +14,11 @@ and catalog queries, retrieves, HL7, the web, the index and the embedding job.
 A receiver tells the node, over the same Unix socket, what it stored and refused (the node's Prometheus counters) and
 each new (SOP class, transfer syntax) pair it holds (C-GET negotiation). It is killed when the node dies. The node
 hands connections only to receivers that said they are ready; one that exits is left out, and with none left the
-node serves every association itself. A hand-off never waits: while a receiver has not taken the connections
+node serves every association itself. A hand-off never waits: while a receiver has not taken the 6 connections
 already handed to it (it is stalled or stopped), the next receiver or the node serves the association.
-``max_associations`` is the node's limit, its receivers' associations included: a receiver reports each connection
-it is done with, and the node hands none over once the limit is reached (it refuses the association itself).
+``max_associations`` is the node's limit, its receivers' associations included (those 6 too, until the receiver
+closes them): a receiver reports each connection it is done with, and the node hands none over once the limit is
+reached (it refuses the association itself).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from typing import Any
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
-from config.settings import Settings
+from config.settings import MAX_ASSOCIATIONS, Settings
 from dicom_node.acceptor import build_ae, storage_handlers
 from dicom_node.handlers import Services
 from dicom_node.ingest import Ingestor
@@ -60,9 +61,10 @@ _A_ASSOCIATE_RQ = 0x01
 _LARGEST_REQUEST = 1 << 20  # an association request longer than this is left to the node (and pynetdicom)
 _PEEK_RETRY_S = 0.001  # while a request has arrived in part
 STOP_GRACE_S = 10.0  # how long a stopping receiver lets its associations finish before aborting them
-# The node's send buffer towards a receiver: ~20 connections handed over and not yet taken (the kernel doubles it).
-# Bursts of new associations fit; a receiver that stalls holds no more than that many.
-_HAND_OFF_BUFFER = 8192
+# The node's send buffer towards a receiver, the kernel's least: 6 connections handed over and not yet taken. A
+# receiver that stalls holds no more than that many, which count against max_associations until it closes them; a
+# burst of new associations beyond them goes to the next receiver or the node.
+_HAND_OFF_BUFFER = 2048
 
 
 def associate_request(connection: socket.socket, timeout_s: float) -> A_ASSOCIATE_RQ | None:
@@ -187,8 +189,9 @@ class Receivers:
             self.metrics.failed("receiver_exit")
             LOG.error("receiver process %d exited (code %s); the node serves its share of associations",
                       receiver.process.pid, receiver.process.wait())
-        receiver.ready = False
-        receiver.done = receiver.handed  # its connections closed with it
+        with self._handing:  # not in the middle of a hand-off to it
+            receiver.ready = False
+            receiver.done = receiver.handed  # its connections closed with it
 
     def hand_off(self, connection: socket.socket) -> bool:
         """Hand ``connection``, just accepted, to a ready receiver if one serves the association it requests; True
@@ -206,22 +209,25 @@ class Receivers:
                 receiver = self._receivers[(start + offset) % len(self._receivers)]
                 if not receiver.ready:
                     continue
+                receiver.handed += 1  # counted before it can report the connection done
+                self.handed += 1
                 try:
                     # One packet each (SOCK_SEQPACKET), never waiting; socket.send_fds would ignore the flag
                     # (Python 3.11).
                     receiver.channel.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                        array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
-                except BlockingIOError:  # ~20 connections wait in its channel unread (_HAND_OFF_BUFFER): stalled
-                    LOG.warning("receiver process %d is not taking the connections handed to it; serving elsewhere",
-                                receiver.process.pid)
-                    continue
-                except OSError as error:  # it has just exited (its exit is logged when the node sees it): the next
-                    LOG.warning("receiver process %d takes no connection (%s)", receiver.process.pid, error.strerror)
-                    receiver.ready = False
+                except OSError as error:
+                    receiver.handed -= 1
+                    self.handed -= 1
+                    if isinstance(error, BlockingIOError):  # 6 connections wait in its channel unread: stalled
+                        LOG.warning("receiver process %d is not taking the connections handed to it; serving "
+                                    "elsewhere", receiver.process.pid)
+                    else:  # it has just exited (its exit is logged when the node sees it)
+                        LOG.warning("receiver process %d takes no connection (%s)", receiver.process.pid,
+                                    error.strerror)
+                        receiver.ready = False
                     continue
                 connection.close()
-                receiver.handed += 1
-                self.handed += 1
                 return True
         return False
 
@@ -305,6 +311,9 @@ def serve(settings: Settings, channel: socket.socket) -> None:
                         metrics=ReportedMetrics(reports), held=held)
     watchdog = AssociationWatchdog(node.message_timeout_s)
     ae = build_ae(settings)
+    # The node keeps max_associations across its receivers, counting a connection until its thread here reports
+    # it done: pynetdicom's own count here, which sees that thread a moment longer, must not refuse the next one.
+    ae.maximum_associations = MAX_ASSOCIATIONS
     server = ae.make_server((node.host, node.port), evt_handlers=storage_handlers(services, watchdog),
                             server_class=HandedServer)
     done = itertools.count(1)
@@ -323,8 +332,10 @@ def serve(settings: Settings, channel: socket.socket) -> None:
                 message, connections, flags, _ = socket.recv_fds(channel, 16, 4)
                 if not message:  # the node closed the channel: it is stopping (or has died)
                     break
-                if flags & socket.MSG_CTRUNC:
+                if flags & socket.MSG_CTRUNC:  # the kernel closed it: the node counts it done, as it is
                     LOG.error("a connection handed over was lost: no descriptor left in this process")
+                    for _ in range(1 - len(connections)):  # one connection per packet
+                        connection_done()
                 for number in connections:
                     connection = socket.socket(fileno=number)
                     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 from dicom_node.receivers import associate_request, receiver_serves
 from dicom_node.server import Node
@@ -142,12 +143,19 @@ def test_a_receiver_that_dies_leaves_its_share_to_the_node(start_node: Callable[
     assert health(http_port) == (200, "1/1 ready")
     first = save(dx_synthetic(generate_uid(), "DIE1", "D1", seed=1), tmp_path)
     assert storescu(node, [first]).returncode == 0 and handed(node, 1)
+    held = AE("PACS")
+    held.add_requested_context(Verification)
+    open_association = held.associate("127.0.0.1", node.port, ae_title="MMDL_NODE")  # handed over, left open
+    assert open_association.is_established and handed(node, 2)
+    wait_until(lambda: node.associations() == 1, 10, "the first association reported done, the open one counted")
     os.kill(node.receivers.ready()[0], signal.SIGKILL)
     wait_until(lambda: not node.receivers.ready(), 30, "the node to notice")
+    # what the receiver served ended with it: nothing of it is left counted against max_associations
+    wait_until(lambda: node.associations() == 0, 10, "the receiver's associations no longer counted")
     assert failures(node, "receiver_exit") == 1
     assert health(http_port) == (200, "0/1 ready")  # reported, not unhealthy: the node serves its share
     second = save(dx_synthetic(generate_uid(), "DIE2", "D2", seed=2), tmp_path)
-    assert storescu(node, [second]).returncode == 0 and handed(node, 1)
+    assert storescu(node, [second]).returncode == 0 and handed(node, 2)
     with node.catalog.session() as session:
         assert {row.sop_uid for row in session.query(Instance)} == {first.stem, second.stem}
 
@@ -189,7 +197,7 @@ def test_a_stalled_receiver_does_not_hold_new_associations(start_node: Callable[
     os.kill(pid, signal.SIGSTOP)
     held = []
     try:
-        for _ in range(40):  # more than its channel holds (~20)
+        for _ in range(40):  # more than its channel holds (6)
             held.append(socket.create_connection(("127.0.0.1", node.port)))
             held[-1].sendall(request)
 
