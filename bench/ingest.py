@@ -8,8 +8,9 @@ served from an earlier checkout, the two taking turns at going first), storescu 
 of the same bytes into the node's data dir's file system: as plain files, and as the node lays out new studies
 (``durable_writes``: the least a receiver keeping them durably in that layout must do). It reads each node's CPU
 time per image over its storescu run (its receiver processes' included), storescu's own CPU time per image (on one
-machine the senders share the node's cores) and the CPU time per image of the plain writes with fsync (the kernel's
-work for a durable write is CPU time too). The nodes run with their embedding job held off
+machine the senders share the node's cores) and the CPU time per image charged to this process by the plain writes
+with fsync (the kernel's work for a durable write is CPU time too; write-back and journal commits done by the
+kernel's own threads are not in it). The nodes run with their embedding job held off
 (scheduler.interval_s = 1 day) so that the receive path is measured alone. dcmtk tools run with TCP_NODELAY=1.
 Each timed step starts after a sync: on ext4 (data=ordered) an fsync also waits for the write-back of other files'
 dirty pages, so without it whatever wrote without fsync just before (the input files, storescp) would be paid for
@@ -80,7 +81,8 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[
 
 
 def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool = False) -> tuple[float, float]:
-    """(seconds, CPU seconds of this process, the kernel's work for it included) to write each file's bytes durably
+    """(seconds, CPU seconds charged to this process, the kernel's work in its threads included) to write each file's
+    bytes durably
     (``parallel`` writers): to a new file with fsync, or with ``layout``
     as the node keeps an instance of a new study (without its catalog row): written and fsynced in an incoming
     folder, renamed into new study and series folders, then the series folder, the study folder and the root
