@@ -82,9 +82,8 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[
 
 def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool = False) -> tuple[float, float]:
     """(seconds, CPU seconds charged to this process, the kernel's work in its threads included) to write each file's
-    bytes durably
-    (``parallel`` writers): to a new file with fsync, or with ``layout``
-    as the node keeps an instance of a new study (without its catalog row): written and fsynced in an incoming
+    bytes durably (``parallel`` writers): to a new file with fsync, or with ``layout`` as the node keeps an instance
+    of a new study (without its catalog row): written and fsynced in an incoming
     folder, renamed into new study and series folders, then the series folder, the study folder and the root
     fsynced."""
     shutil.rmtree(folder, ignore_errors=True)

@@ -133,12 +133,16 @@ class Receivers:
         self._receivers: list[_Receiver] = []
         self._turn = itertools.count()
         self._stopping = False
-        self.handed = 0  # connections handed to a receiver so far
         self._handing = threading.Lock()
 
     def ready(self) -> list[int]:
         """The process IDs of the receivers taking connections."""
         return [receiver.process.pid for receiver in self._receivers if receiver.ready]
+
+    @property
+    def handed(self) -> int:
+        """How many connections were handed to a receiver so far."""
+        return sum(receiver.handed for receiver in self._receivers)
 
     def serving(self) -> int:
         """How many of the connections handed over the receivers are serving or have not taken yet."""
@@ -210,7 +214,6 @@ class Receivers:
                 if not receiver.ready:
                     continue
                 receiver.handed += 1  # counted before it can report the connection done
-                self.handed += 1
                 try:
                     # One packet each (SOCK_SEQPACKET), never waiting; socket.send_fds would ignore the flag
                     # (Python 3.11).
@@ -218,7 +221,6 @@ class Receivers:
                                                        array.array("i", [connection.fileno()]))], socket.MSG_DONTWAIT)
                 except OSError as error:
                     receiver.handed -= 1
-                    self.handed -= 1
                     if isinstance(error, BlockingIOError):  # 6 connections wait in its channel unread: stalled
                         LOG.warning("receiver process %d is not taking the connections handed to it; serving "
                                     "elsewhere", receiver.process.pid)
@@ -334,7 +336,7 @@ def serve(settings: Settings, channel: socket.socket) -> None:
                     break
                 if flags & socket.MSG_CTRUNC:  # the kernel closed it: the node counts it done, as it is
                     LOG.error("a connection handed over was lost: no descriptor left in this process")
-                    for _ in range(1 - len(connections)):  # one connection per packet
+                    if not connections:  # one connection per packet
                         connection_done()
                 for number in connections:
                     connection = socket.socket(fileno=number)
