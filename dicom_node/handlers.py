@@ -11,18 +11,20 @@ import logging
 import socket
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 
 from config.settings import Settings
 from dicom_node.errors import NodeError
-from dicom_node.identifiers import for_syntax, response
+from dicom_node.identifiers import encode_identifier, response
 from dicom_node.ingest import IngestResult, Ingestor, read_received
 from dicom_node.metrics import Metrics
 from dicom_node.matching import matching_keys, query_level
@@ -250,11 +252,7 @@ def _find_similar(event: Event, services: Services) -> Iterator[Answer]:
     LOG.info("similar-case query from %s: %d answers", calling_ae(event), len(answers))
     if wants_sheet and answers and services.sheets is not None:
         services.sheets.request(event.identifier)
-    for answer in answers:
-        if event.is_cancelled:
-            yield Status.CANCEL, None
-            return
-        yield Status.PENDING, for_syntax(answer, event.context.transfer_syntax)
+    yield from send_answers(event, answers)
 
 
 def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
@@ -264,15 +262,37 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
     except NodeError as error:
         yield status(error.status, str(error)), None
         return
-    count = 0
     retrieve_ae = called_ae(event)
-    for values in services.catalog.matches(matching_keys(request), level):
+    answers = (response(request, level, values, retrieve_ae)
+               for values in services.catalog.matches(matching_keys(request), level))
+    count = yield from send_answers(event, answers)
+    LOG.info("C-FIND from %s at %s level: %d matches sent", calling_ae(event), level, count)
+
+
+def send_answers(event: Event, answers: Iterable[Dataset]) -> Generator[Answer, None, int]:
+    """Send each answer to a C-FIND as a Pending response, its identifier written by `encode_identifier`; returns
+    how many were sent. Only a cancel is yielded to pynetdicom's C-FIND service, which then sends the final
+    response (Success, or Cancel), as it does after a handler's last answer.
+
+    The service would write each identifier it is given through pydicom, several times the CPU of the answer
+    itself; the pending responses it would send are sent here instead, through the association's DIMSE provider,
+    stopping where it would stop: at a C-CANCEL, or once the association is aborted or being released."""
+    assoc, request, context = event.assoc, event.request, event.context
+    count = 0
+    for answer in answers:
         if event.is_cancelled:
             yield Status.CANCEL, None
-            return
-        yield Status.PENDING, for_syntax(response(request, level, values, retrieve_ae), event.context.transfer_syntax)
+            return count
+        if not assoc.is_established or assoc.acse.is_aborted() or assoc.acse.is_release_requested():
+            return count
+        pending = C_FIND()
+        pending.MessageID = pending.MessageIDBeingRespondedTo = request.MessageID
+        pending.AffectedSOPClassUID = request.AffectedSOPClassUID
+        pending.Status = Status.PENDING
+        pending.Identifier = BytesIO(encode_identifier(answer, context.transfer_syntax))
+        assoc.dimse.send_msg(pending, context.context_id)
         count += 1
-    LOG.info("C-FIND from %s at %s level: %d matches", calling_ae(event), level, count)
+    return count
 
 
 def _instances(event: Event, services: Services) -> list[Stored]:

@@ -1,16 +1,20 @@
 """C-FIND response identifiers: the requested keys, filled from the values the catalog answers with.
 
 Text values are encoded here, once, as the bytes they are sent as (UTF-8, the response character set, padded to
-an even length) and kept as raw elements, which pydicom writes as they are: setting them as pydicom values
-would convert and validate each one and then encode it again, the larger part of an answer's cost. Text bytes
-are the same in every uncompressed transfer syntax; `answer_dataset` declares Implicit VR Little Endian and
-`for_syntax` restates that for the presentation context an answer goes out on, so pydicom takes the raw
-path there too. Keys of other value representations (numbers, sequences) are set as pydicom values.
+an even length) and kept as raw elements: setting them as pydicom values would convert and validate each one and
+then encode it again, the larger part of an answer's cost. Text bytes are the same in every uncompressed transfer
+syntax. Keys of other value representations (numbers, sequences) are set as pydicom values.
+
+`encode_identifier` writes an answer of raw text elements itself, in either little endian syntax: the same
+bytes as pydicom's writer, which spends ~8 us of CPU per element (~0.12-0.15 ms per similar-case answer, timed in
+process) checking and dispatching what is already encoded. It leaves any other answer to pydicom, declared in
+the syntax it is written in, so that pydicom too writes the raw elements as they are.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
@@ -18,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import AMBIGUOUS_VR, STR_VR
+from pynetdicom.dsutils import encode
 
 RESPONSE_CHARSET = "ISO_IR 192"  # the catalog holds decoded text; answer in UTF-8
 _ENCODINGS = convert_encodings(RESPONSE_CHARSET)
@@ -48,13 +53,45 @@ def answer_dataset(elements: Iterable[Element]) -> Dataset:
     return identifier
 
 
-def for_syntax(identifier: Dataset, syntax: UID) -> Dataset:
+def _declared(identifier: Dataset, syntax: UID) -> Dataset:
     """``identifier`` (from `answer_dataset`) declared in the uncompressed transfer ``syntax`` it is about to be
     written in (its raw elements are text, the same bytes in every uncompressed syntax), so that pydicom writes
     them without converting them first."""
     if identifier.original_encoding != (None, None):
         identifier.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian, _ENCODINGS)
     return identifier
+
+
+# Explicit VR: the VRs whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others take 2.
+_LONG_LENGTH_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"))
+
+
+def encode_identifier(identifier: Dataset, syntax: UID) -> bytes:
+    """``identifier`` as sent on a presentation context of transfer ``syntax``. Raw text elements only (those of
+    `text_element`), little endian, not deflated: written here, element by element in tag order. Otherwise by
+    pydicom (pynetdicom's `encode`, as its C-FIND service would); ValueError when that fails."""
+    if syntax.is_little_endian and not syntax.is_deflated:
+        implicit = syntax.is_implicit_VR
+        parts = []
+        for element in identifier.elements():
+            if not element.is_raw or element.VR not in STR_VR:
+                break
+            group, number, value = element.tag >> 16, element.tag & 0xFFFF, cast(bytes, element.value)
+            if implicit:
+                parts.append(struct.pack("<HHL", group, number, len(value)))
+            elif element.VR in _LONG_LENGTH_VRS:
+                parts.append(struct.pack("<HH2s2xL", group, number, element.VR.encode(), len(value)))
+            elif len(value) <= 0xFFFF:
+                parts.append(struct.pack("<HH2sH", group, number, element.VR.encode(), len(value)))
+            else:  # too long for its VR: pydicom says so
+                break
+            parts.append(value)
+        else:
+            return b"".join(parts)
+    encoded = encode(_declared(identifier, syntax), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    if encoded is None:
+        raise ValueError("an answer identifier could not be encoded (pydicom's error is logged above)")
+    return encoded
 
 
 def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: str,
