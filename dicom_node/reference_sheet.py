@@ -49,8 +49,8 @@ from dicom_node.similar import (
 )
 from dicom_node.status import Status
 from dicom_node.storage import FileStore
-from indexer.catalog import Catalog
-from indexer.schema import Kind, Study
+from indexer.catalog import Catalog, StudyRow
+from indexer.schema import Kind
 from indexer.vector_index import VectorIndex
 from models.calibration import Calibration
 from models.errors import ModelError
@@ -356,7 +356,7 @@ class ReferenceSheets:
     def _sheet_count(self, study_pk: int) -> int:
         return len(self.catalog.instance_paths(study_pk, (Kind.SHEET,)))
 
-    def _reference(self, study: Study) -> Dataset:
+    def _reference(self, study: StudyRow) -> Dataset:
         """An instance of the query study (not a sheet), whose patient and study attributes the sheet copies."""
         paths = self.catalog.instance_paths(study.id, (Kind.IMAGE, Kind.REPORT))
         if not paths:

@@ -22,8 +22,7 @@ from config.settings import QuerySettings
 from dicom_node.errors import NodeError
 from dicom_node.identifiers import private_creator, private_tag, response, text_element
 from dicom_node.status import Status
-from indexer.catalog import Catalog, from_blob
-from indexer.schema import Study
+from indexer.catalog import Catalog, StudyRow, from_blob
 from indexer.vector_index import IndexState, VectorIndex
 from models.calibration import Calibration
 from models.observations import OBSERVATIONS
@@ -78,7 +77,7 @@ class SimilarRequest:
 
 @dataclass(frozen=True)
 class Hit:
-    study: Study
+    study: StudyRow
     rank: int
     score: float
     finding_scores: np.ndarray
@@ -169,7 +168,7 @@ def parse_request(identifier: Dataset, defaults: QuerySettings) -> SimilarReques
     )
 
 
-def query_study(catalog: Catalog, request: SimilarRequest) -> Study:
+def query_study(catalog: Catalog, request: SimilarRequest) -> StudyRow:
     """The study the request names, indexed (UnknownStudyError, NotIndexedError otherwise)."""
     query = catalog.find_study(request.study_uid, request.accession_number)
     if query is None:
@@ -180,7 +179,7 @@ def query_study(catalog: Catalog, request: SimilarRequest) -> Study:
 
 
 def find_similar(
-    catalog: Catalog, index: VectorIndex, query: Study, request: SimilarRequest, calibration: Calibration | None = None
+    catalog: Catalog, index: VectorIndex, query: StudyRow, request: SimilarRequest, calibration: Calibration | None = None
 ) -> list[Hit]:
     """The studies most similar to ``query`` (from ``query_study``), best first, after the request's filters;
     IndexLoadingError while the index loads.
@@ -199,7 +198,7 @@ def find_similar(
     vector = from_blob(query.vector)
     wanted = set(request.findings)
     hits: list[Hit] = []
-    studies: dict[int, Study] = {}  # read once, though each wider search returns the nearer ones again
+    studies: dict[int, StudyRow] = {}  # read once, though each wider search returns the nearer ones again
     k = request.top_k + 1
     while True:
         labels, scores = index.search(vector, k)
@@ -223,7 +222,7 @@ def find_similar(
         k = min(4 * k, request.search_depth)
 
 
-def shown_findings(calibration: Calibration | None, study: Study, finding_scores: np.ndarray) -> list[tuple[str, float]]:
+def shown_findings(calibration: Calibration | None, study: StudyRow, finding_scores: np.ndarray) -> list[tuple[str, float]]:
     """The calibrated findings a reader sees for a study, most probable first, with their probabilities.
 
     Empty without a calibration or when the study was embedded by another model than the one calibrated.
@@ -233,7 +232,7 @@ def shown_findings(calibration: Calibration | None, study: Study, finding_scores
     return calibration.shown_findings(finding_scores)
 
 
-def match_probability(calibration: Calibration | None, study: Study, cosine: float) -> float | None:
+def match_probability(calibration: Calibration | None, study: StudyRow, cosine: float) -> float | None:
     """Probability that an answer at this cosine shares a finding with the query; None without a calibration
     or when the answer was embedded by another model than the one calibrated (its cosine means nothing there)."""
     if calibration is None or study.model_version != calibration.model_version:

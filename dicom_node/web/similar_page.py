@@ -31,8 +31,7 @@ from dicom_node.similar import (
     shown_findings,
 )
 from dicom_node.storage import check_uid
-from indexer.catalog import from_blob
-from indexer.schema import Study
+from indexer.catalog import StudyRow, from_blob
 from models.observations import OBSERVATIONS
 
 # HTTP query parameters and the private keys of the similar-case C-FIND that they set. Their text goes in
@@ -132,7 +131,7 @@ def find_answer(services: Services, identifier: Dataset, thumbnail_url: Callable
     images = catalog.first_images(pks)
     reports = catalog.current_reports(pks)
 
-    def case(study: Study, scores: np.ndarray | None, **extra: Any) -> Case:
+    def case(study: StudyRow, scores: np.ndarray | None, **extra: Any) -> Case:
         image = images.get(study.id)
         return Case(
             study_uid=study.study_uid,
