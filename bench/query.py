@@ -14,6 +14,11 @@ vectors (the query study excluded, as the node excludes it). Prints one JSON lin
 table. Run from the repository root:
 
     .venv/bin/python -m bench.query --count 100000
+
+With --baseline-tree, a second node serves the same data dir from that checkout (an earlier commit), and the
+`paired_*` figures time both, query after query, alternating which goes first: the blocking client's C-FIND
+and the HTTP answer, with each node's CPU per query. This machine's speed drifts by tens of percent from
+minute to minute; a before/after taken from two runs minutes apart measures that drift as much as the change.
 """
 from __future__ import annotations
 
@@ -150,22 +155,34 @@ def wait_for_index(port: int, study_uid: str, node: subprocess.Popen[bytes]) -> 
         time.sleep(0.02)
 
 
-def http_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
-    """Milliseconds per GET /api/studies/{uid}/similar (JSON, top 10) on one kept-alive HTTP connection."""
+def http_similar(port: int) -> Callable[[str], float]:
+    """Milliseconds of one GET /api/studies/{uid}/similar (JSON, top 10), per call, on one kept-alive HTTP connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port)
     connection.connect()
     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    times = []
-    for uid in study_uids:
+
+    def round_trip(uid: str) -> float:
         start = time.perf_counter()
         connection.request("GET", f"/api/studies/{uid}/similar", headers={"Accept": "application/json"})
         response = connection.getresponse()
         body = response.read()
-        times.append(time.perf_counter() - start)
+        ms = (time.perf_counter() - start) * 1000
         if response.status != 200 or len(json.loads(body)["similar"]) != 10:
             raise SystemExit(f"expected 10 similar studies over HTTP, got {response.status}: {body[:200]!r}")
-    connection.close()
-    return np.array(times) * 1000
+        return ms
+
+    return round_trip
+
+
+def blocking_ms(port: int) -> Callable[[str], float]:
+    """Milliseconds of one similar-case C-FIND from the blocking client, per call (`blocking_round_trip`)."""
+    def round_trip(uid: str) -> float:
+        seconds, uids = blocking_round_trip(port, uid)
+        if len(uids) != 10:
+            raise SystemExit(f"expected 10 answers over DICOM, got {len(uids)}")
+        return seconds * 1000
+
+    return round_trip
 
 
 def open_association_round_trips(port: int, study_uids: list[str]) -> np.ndarray:
@@ -257,6 +274,31 @@ def stage_times(config: Path, vectors: np.ndarray, picks: list[int]) -> tuple[di
     return {name: percentiles(ms, 3) for name, ms in stages.items()}, stall
 
 
+def write_config(path: Path, port: int, web_port: int, args: argparse.Namespace) -> Path:
+    """A node configuration on the data dir next to ``path``, the web server on."""
+    path.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "data"\n'
+                    f'[web]\nenabled = true\nport = {web_port}\n'
+                    f'[index]\nm = {args.m}\nef_construction = {args.ef_construction}\nef_search = {args.ef_search}\n'
+                    f'[logging]\nlevel = "WARNING"\n')
+    return path
+
+
+def paired(nodes: dict[str, tuple[subprocess.Popen[bytes], Callable[[str], float]]],
+           study_uids: list[str]) -> dict[str, dict[str, float]]:
+    """Per node: p50/p99 ms of ``nodes[name][1]`` (one round trip) and the node's CPU per query, the nodes taking
+    turns on each study, each going first every other time."""
+    names = list(nodes)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_before = {name: cpu_seconds(process.pid) for name, (process, _) in nodes.items()}
+    for n, uid in enumerate(study_uids):
+        for name in names[n % 2:] + names[:n % 2]:
+            times[name].append(nodes[name][1](uid))
+    return {name: {**percentiles(np.array(times[name])),
+                   "cpu_ms_per_query": round((cpu_seconds(nodes[name][0].pid) - cpu_before[name]) * 1000
+                                             / len(study_uids), 2)}
+            for name in names}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
@@ -266,6 +308,8 @@ def main() -> int:
     parser.add_argument("--ef-search", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmdl-bench")
     parser.add_argument("--node-tree", type=Path, help="serve from this checkout of the node (before/after runs)")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="also serve the same data dir from this checkout, and time both nodes in turn (paired_*)")
     parser.add_argument("--centres", type=Path,
                         help="real embeddings (.npy, python -m bench.sample_embeddings) the studies are drawn around")
     args = parser.parse_args()
@@ -275,11 +319,7 @@ def main() -> int:
     folder = args.work / f"query-{args.count}-m{args.m}-efc{args.ef_construction}-{vectors_from}"
     folder.mkdir(parents=True, exist_ok=True)
     port, web_port = free_port(), free_port()
-    config = folder / f"node-ef{args.ef_search}.toml"
-    config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "data"\n'
-                      f'[web]\nenabled = true\nport = {web_port}\n'
-                      f'[index]\nm = {args.m}\nef_construction = {args.ef_construction}\nef_search = {args.ef_search}\n'
-                      f'[logging]\nlevel = "WARNING"\n')
+    config = write_config(folder / f"node-ef{args.ef_search}.toml", port, web_port, args)
     figures: list[dict[str, object]] = []
     base = {"machine": machine(), "count": args.count, "vectors": vectors_from, "m": args.m,
             "ef_construction": args.ef_construction,
@@ -300,6 +340,7 @@ def main() -> int:
 
     started = time.monotonic()
     node = serve(config, folder / "node.log", args.node_tree)
+    baseline: subprocess.Popen[bytes] | None = None
     try:
         startup = wait_for_port(port, node, folder / "node.log", started)
         figures.append({**base, "figure": "startup_s", "value": round(startup, 2), "load": load()})
@@ -309,6 +350,12 @@ def main() -> int:
         figures.append({**base, "figure": "index_ready_s", "value": round(time.monotonic() - started, 2),
                         "longest_http_wait_ms": round(longest_ms, 1), "load": load()})
         figures.append({**base, "figure": "rss_after_start_mib", **rss_mib(node.pid), "load": load()})
+        if args.baseline_tree is not None:
+            baseline_port, baseline_web = free_port(), free_port()
+            baseline = serve(write_config(folder / "node-baseline.toml", baseline_port, baseline_web, args),
+                             folder / "node-baseline.log", args.baseline_tree)
+            wait_for_port(baseline_port, baseline, folder / "node-baseline.log", time.monotonic())
+            wait_for_index(baseline_web, synthetic_uid(int(picks[0]) + 1), baseline)
         similar_round_trip(port, synthetic_uid(int(picks[0]) + 1), True)  # warm-up: first association, page cache
         # Three clients on every study, taking turns at going first: a blocking one (as compiled viewers),
         # and pynetdicom's (which polls) with TCP_NODELAY and with Nagle's algorithm on.
@@ -339,8 +386,21 @@ def main() -> int:
         figures.append({**base, "figure": "similar_find_round_trip_ms_client_blocking_alone", "queries": len(ms),
                         **percentiles(ms), "max": round(float(ms.max()), 2),
                         "node_cpu_ms_per_query": round(node_cpu_ms, 2), "load": f"{load_before} -> {load()}"})
+        if baseline is not None:
+            uids = [synthetic_uid(row + 1) for row in picks.tolist()]
+            for figure, (ours, theirs) in {
+                    "paired_similar_find_ms_client_blocking": (blocking_ms(port), blocking_ms(baseline_port)),
+                    "paired_similar_http_json_ms_keep_alive": (http_similar(web_port), http_similar(baseline_web)),
+            }.items():
+                load_before = load()
+                by_node = paired({"node": (node, ours), "baseline": (baseline, theirs)}, uids)
+                figures.append({**base, "figure": figure, "queries": len(uids),
+                                **{f"{name}_{key}": value for name, values in by_node.items()
+                                   for key, value in values.items()},
+                                "load": f"{load_before} -> {load()}"})
         load_before = load()
-        ms = http_round_trips(web_port, [synthetic_uid(row + 1) for row in picks.tolist()])
+        http = http_similar(web_port)
+        ms = np.array([http(synthetic_uid(row + 1)) for row in picks.tolist()])
         figures.append({**base, "figure": "similar_http_json_ms_keep_alive", "queries": len(ms), **percentiles(ms),
                         "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         load_before = load()
@@ -352,8 +412,10 @@ def main() -> int:
                         "queries": len(picks), "load": load()})
         figures.append({**base, "figure": "rss_after_queries_mib", **rss_mib(node.pid), "load": load()})
     finally:
-        node.terminate()
-        node.wait(timeout=300)
+        for process in (node, baseline):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=300)
     load_before = load()
     stages, stall = stage_times(config, vectors, picks.tolist())
     for stage, ms in stages.items():
