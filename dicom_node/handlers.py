@@ -278,6 +278,10 @@ def send_answers(event: Event, answers: Iterable[Dataset]) -> Generator[Answer, 
     itself; the pending responses it would send are sent here instead, through the association's DIMSE provider,
     stopping where it would stop: at a C-CANCEL, or once the association is aborted or being released."""
     assoc, request, context = event.assoc, event.request, event.context
+    pending = C_FIND()  # one for every answer, as pynetdicom's service does: each is encoded as it is sent
+    pending.MessageID = pending.MessageIDBeingRespondedTo = request.MessageID
+    pending.AffectedSOPClassUID = request.AffectedSOPClassUID
+    pending.Status = Status.PENDING
     count = 0
     for answer in answers:
         if event.is_cancelled:
@@ -285,10 +289,6 @@ def send_answers(event: Event, answers: Iterable[Dataset]) -> Generator[Answer, 
             return count
         if not assoc.is_established or assoc.acse.is_aborted() or assoc.acse.is_release_requested():
             return count
-        pending = C_FIND()
-        pending.MessageID = pending.MessageIDBeingRespondedTo = request.MessageID
-        pending.AffectedSOPClassUID = request.AffectedSOPClassUID
-        pending.Status = Status.PENDING
         pending.Identifier = BytesIO(encode_identifier(answer, context.transfer_syntax))
         assoc.dimse.send_msg(pending, context.context_id)
         count += 1
