@@ -17,8 +17,10 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import pretty_dataset
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 
@@ -276,7 +278,9 @@ def send_answers(event: Event, answers: Iterable[Dataset]) -> Generator[Answer, 
 
     The service would write each identifier it is given through pydicom, several times the CPU of the answer
     itself; the pending responses it would send are sent here instead, through the association's DIMSE provider,
-    stopping where it would stop: at a C-CANCEL, or once the association is aborted or being released."""
+    stopping where it would stop: at a C-CANCEL, or once the association is aborted or being released, and ending as
+    it would on an answer that cannot be encoded (IDENTIFIER_NOT_ENCODED). Each answer is logged as it would log it
+    (DEBUG, only with pynetdicom's response identifier logging on: ``logging.log_phi``)."""
     assoc, request, context = event.assoc, event.request, event.context
     pending = C_FIND()  # one for every answer, as pynetdicom's service does: each is encoded as it is sent
     pending.MessageID = pending.MessageIDBeingRespondedTo = request.MessageID
@@ -289,7 +293,15 @@ def send_answers(event: Event, answers: Iterable[Dataset]) -> Generator[Answer, 
             return count
         if not assoc.is_established or assoc.acse.is_aborted() or assoc.acse.is_release_requested():
             return count
-        pending.Identifier = BytesIO(encode_identifier(answer, context.transfer_syntax))
+        try:
+            pending.Identifier = BytesIO(encode_identifier(answer, context.transfer_syntax))
+        except ValueError as error:
+            LOG.error("C-FIND from %s ended with 0x%04X after %d answers: %s", calling_ae(event),
+                      Status.IDENTIFIER_NOT_ENCODED, count, error)
+            yield Status.IDENTIFIER_NOT_ENCODED, None
+            return count
+        if pynetdicom_config.LOG_RESPONSE_IDENTIFIERS and LOG.isEnabledFor(logging.DEBUG):
+            LOG.debug("C-FIND response %d identifier:\n%s", count + 1, "\n".join(pretty_dataset(answer)))
         assoc.dimse.send_msg(pending, context.context_id)
         count += 1
     return count

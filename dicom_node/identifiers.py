@@ -42,6 +42,9 @@ def text_element(tag: int, vr: str, value: str | int | Iterable[str | int] | Non
     return RawDataElement(BaseTag(tag), vr, len(data), data, 0, True, True)
 
 
+_CHARSET_ELEMENT = text_element(_CHARSET, "CS", RESPONSE_CHARSET)
+
+
 def answer_dataset(elements: Iterable[Element]) -> Dataset:
     """A dataset of ``elements`` (the raw ones from `text_element`), encoded in the response character set.
     With an element whose VR depends on other attributes ("US or SS") no encoding is declared: pydicom then
@@ -67,14 +70,15 @@ _LONG_LENGTH_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "U
 
 
 def encode_identifier(identifier: Dataset, syntax: UID) -> bytes:
-    """``identifier`` as sent on a presentation context of transfer ``syntax``. Raw text elements only (those of
-    `text_element`), little endian, not deflated: written here, element by element in tag order. Otherwise by
-    pydicom (pynetdicom's `encode`, as its C-FIND service would); ValueError when that fails."""
-    if syntax.is_little_endian and not syntax.is_deflated:
+    """``identifier`` as sent on a presentation context of transfer ``syntax``. An answer of `response` (its text
+    in the response character set) whose elements are all raw text, in a little endian syntax, not deflated:
+    written here, element by element in tag order. Otherwise by pydicom (pynetdicom's `encode`, as its C-FIND
+    service would), which also leaves out group lengths; ValueError when that fails."""
+    if syntax.is_little_endian and not syntax.is_deflated and identifier.get_item(_CHARSET) == _CHARSET_ELEMENT:
         implicit = syntax.is_implicit_VR
         parts = []
         for element in identifier.elements():
-            if not element.is_raw or element.VR not in STR_VR:
+            if not element.is_raw or element.VR not in STR_VR or element.tag & 0xFFFF == 0:
                 break
             group, number, value = element.tag >> 16, element.tag & 0xFFFF, cast(bytes, element.value)
             if implicit:
@@ -98,7 +102,7 @@ def response(request: Dataset, level: str, values: dict[str, Any], retrieve_ae: 
              extra: Iterable[Element] = ()) -> Dataset:
     """Every key the request named, with the held value or empty; plus level, charset, where to retrieve and
     the ``extra`` elements given, which take the place of a requested key of the same tag."""
-    elements = [text_element(_CHARSET, "CS", RESPONSE_CHARSET), text_element(_LEVEL, "CS", level),
+    elements = [_CHARSET_ELEMENT, text_element(_LEVEL, "CS", level),
                 text_element(_RETRIEVE_AE, "AE", retrieve_ae)]
     for element in request:
         keyword = element.keyword

@@ -3,7 +3,8 @@
 - pynetdicom writes a received dataset to a file as its fragments arrive (never whole in memory), in
   ``tempfile.tempdir``, which is the node's incoming folder: PHI stays in the data dir, and keeping an
   instance is a rename;
-- pynetdicom logs query and retrieve identifiers (patient data) only when ``logging.log_phi`` allows it, and
+- pynetdicom logs query and retrieve identifiers (patient data), and the node the C-FIND answers it sends itself
+  (``handlers.send_answers``), only when ``logging.log_phi`` allows it; pynetdicom
   binds its standard handlers, which describe every message as it is sent or received, only when its log shows
   them (DEBUG with ``log_phi``): otherwise they build each description to throw it away, ~7 % of a
   similar-case query's CPU;

@@ -35,6 +35,7 @@ class Status(enum.IntEnum):
     INDEX_NOT_READY = 0xA700, QUERY_RETRIEVE
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900, QUERY_RETRIEVE
     UNABLE_TO_PROCESS = 0xC000, QUERY_RETRIEVE
+    IDENTIFIER_NOT_ENCODED = 0xC312, QUERY_RETRIEVE  # an answer could not be encoded (pynetdicom's code for it)
     UNKNOWN_STUDY = 0xC101, QUERY_RETRIEVE  # similar-case query names a study this node does not hold
     STUDY_NOT_INDEXED = 0xC102, QUERY_RETRIEVE  # the study is held but has no vector yet
     MOVE_DESTINATION_UNKNOWN = 0xA801, QUERY_RETRIEVE

@@ -69,6 +69,7 @@ def test_no_phi_in_logs_unless_enabled(tmp_path: Path, random_model_dir: Path, s
     assert "similar page" in log
     assert "stored image instance" in log  # the log is really written, at DEBUG level
     hits = [marker for marker in ("Phimarker", PATIENT_ID) if marker in log]
+    assert ("C-FIND response 1 identifier" in log) == log_phi  # the answers the node sends itself, as pynetdicom's
     if log_phi:
         assert hits, "with log_phi on, pynetdicom's identifier dumps should show the markers"
     else:

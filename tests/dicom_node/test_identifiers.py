@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import decode, encode
 
-from dicom_node.identifiers import RESPONSE_CHARSET, encode_identifier, response, text_element
+from dicom_node.identifiers import RESPONSE_CHARSET, answer_dataset, encode_identifier, response, text_element
 
 SYNTAXES = {"implicit-le": ImplicitVRLittleEndian, "explicit-le": ExplicitVRLittleEndian,
             "explicit-be": ExplicitVRBigEndian, "deflated": DeflatedExplicitVRLittleEndian}
@@ -81,6 +81,16 @@ def test_text_answers_are_written_without_pydicom(syntax: UID, monkeypatch: pyte
     monkeypatch.setattr("dicom_node.identifiers.encode", refuse)
     answer = response(request(text_only=True), "IMAGE", VALUES, "MMDL_NODE")
     assert encode_identifier(answer, syntax) == written(by_pydicom(text_only=True), syntax)
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian], ids=["implicit", "explicit"])
+def test_raw_text_that_pydicom_would_change_is_left_to_it(syntax: UID) -> None:
+    """Raw text without the response character set (pydicom re-encodes it) and a group length (pydicom leaves it
+    out): written as pydicom writes them."""
+    no_charset = answer_dataset([text_element(0x00100010, "PN", "Müller^Jürgen"), text_element(0x00080050, "SH", "A1")])
+    group_length = response(request(text_only=True), "IMAGE", VALUES, "MMDL_NODE", [text_element(0x00100000, "LO", "x")])
+    for identifier in (no_charset, group_length):
+        assert encode_identifier(identifier, syntax) == written(identifier, syntax)
 
 
 @pytest.mark.parametrize("syntax", SYNTAXES.values(), ids=SYNTAXES.keys())

@@ -323,6 +323,25 @@ def test_similar_cancel_mid_answers(loaded: Node, studies: list[dict[str, object
     assert 1 <= len(statuses) - 1 <= 2 < len(studies) - 1
 
 
+def test_an_answer_that_cannot_be_encoded_ends_the_find(loaded: Node, studies: list[dict[str, object]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answers before it are sent; the C-FIND ends with 0xC312, as pynetdicom's service ends it."""
+    from dicom_node import handlers
+
+    written = handlers.encode_identifier
+    calls: list[int] = []
+
+    def fail_second(identifier: Dataset, syntax: str) -> bytes:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("an answer identifier could not be encoded")
+        return written(identifier, syntax)
+
+    monkeypatch.setattr(handlers, "encode_identifier", fail_second)
+    answers, final = find(loaded, similar_query(studies[0]["uid"]), "MMDL_SIMILAR")
+    assert len(answers) == 1 and final.Status == Status.IDENTIFIER_NOT_ENCODED == 0xC312
+
+
 def test_similar_failures_are_clear(loaded: Node, studies: list[dict[str, object]],
                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "dicom_node.handlers")
