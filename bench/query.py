@@ -15,14 +15,16 @@ table. Run from the repository root:
 
     .venv/bin/python -m bench.query --count 100000
 
-With --baseline-tree, a second node serves the same data dir from that checkout (an earlier commit), and the
-`paired_*` figures time both, query after query, alternating which goes first: the blocking client's C-FIND
-and the HTTP answer, with each node's CPU per query. This machine's speed drifts by tens of percent from
-minute to minute; a before/after taken from two runs minutes apart measures that drift as much as the change.
+With --baseline-tree, a second node serves the same data dir from that checkout (an earlier commit whose catalog
+schema and study vector rule are the same), and the `paired_*` figures, taken first, time both, query after query,
+alternating which goes first: the blocking client's C-FIND and the HTTP answer, with each node's CPU per query.
+The baseline stops before the other figures. This machine's speed drifts by tens of percent from minute to minute;
+a before/after taken from two runs minutes apart measures that drift as much as the change.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -34,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +157,10 @@ def wait_for_index(port: int, study_uid: str, node: subprocess.Popen[bytes]) -> 
         time.sleep(0.02)
 
 
-def http_similar(port: int) -> Callable[[str], float]:
-    """Milliseconds of one GET /api/studies/{uid}/similar (JSON, top 10), per call, on one kept-alive HTTP connection."""
+@contextlib.contextmanager
+def http_similar(port: int) -> Iterator[Callable[[str], float]]:
+    """Milliseconds of one GET /api/studies/{uid}/similar (JSON, top 10), per call, on one kept-alive HTTP
+    connection, closed at the end of the ``with`` block."""
     connection = http.client.HTTPConnection("127.0.0.1", port)
     connection.connect()
     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -171,7 +175,10 @@ def http_similar(port: int) -> Callable[[str], float]:
             raise SystemExit(f"expected 10 similar studies over HTTP, got {response.status}: {body[:200]!r}")
         return ms
 
-    return round_trip
+    try:
+        yield round_trip
+    finally:
+        connection.close()
 
 
 def blocking_ms(port: int) -> Callable[[str], float]:
@@ -299,6 +306,45 @@ def paired(nodes: dict[str, tuple[subprocess.Popen[bytes], Callable[[str], float
             for name in names}
 
 
+# What a node's catalog and index on disk depend on: a baseline that differs here must not share the data dir
+# (it would add columns, or rebuild every study vector and snapshot its index over the other node's).
+SHARED_DATA_FILES = ("indexer/schema.py", "models/study.py")
+
+
+def paired_figures(node: subprocess.Popen[bytes], port: int, web_port: int, folder: Path, args: argparse.Namespace,
+                   study_uids: list[str]) -> list[dict[str, object]]:
+    """The ``paired_*`` figures: a node from ``args.baseline_tree`` serves the same data dir, both nodes answer each
+    study in turn (a blocking C-FIND, then HTTP), and the baseline stops before the other figures are taken.
+    Both nodes have answered nothing but their index-ready polls before (the other figures come after)."""
+    tree = args.node_tree or Path(__file__).parents[1]
+    different = [name for name in SHARED_DATA_FILES
+                 if (args.baseline_tree / name).read_bytes() != (tree / name).read_bytes()]
+    if different:
+        raise SystemExit(f"the baseline's {', '.join(different)} differ: it cannot share this data dir")
+    baseline_port, baseline_web = free_port(), free_port()
+    log = folder / "node-baseline.log"
+    baseline = serve(write_config(folder / "node-baseline.toml", baseline_port, baseline_web, args), log,
+                     args.baseline_tree)
+    figures: list[dict[str, object]] = []
+    try:
+        wait_for_port(baseline_port, baseline, log, time.monotonic())
+        wait_for_index(baseline_web, study_uids[0], baseline)
+        with http_similar(web_port) as ours_http, http_similar(baseline_web) as theirs_http:
+            for figure, ours, theirs in (
+                    ("paired_similar_find_ms_client_blocking", blocking_ms(port), blocking_ms(baseline_port)),
+                    ("paired_similar_http_json_ms_keep_alive", ours_http, theirs_http)):
+                load_before = load()
+                by_node = paired({"node": (node, ours), "baseline": (baseline, theirs)}, study_uids)
+                figures.append({"figure": figure, "queries": len(study_uids),
+                                **{f"{name}_{key}": value for name, values in by_node.items()
+                                   for key, value in values.items()},
+                                "load": f"{load_before} -> {load()}"})
+    finally:
+        baseline.terminate()
+        baseline.wait(timeout=300)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
@@ -340,7 +386,6 @@ def main() -> int:
 
     started = time.monotonic()
     node = serve(config, folder / "node.log", args.node_tree)
-    baseline: subprocess.Popen[bytes] | None = None
     try:
         startup = wait_for_port(port, node, folder / "node.log", started)
         figures.append({**base, "figure": "startup_s", "value": round(startup, 2), "load": load()})
@@ -351,11 +396,8 @@ def main() -> int:
                         "longest_http_wait_ms": round(longest_ms, 1), "load": load()})
         figures.append({**base, "figure": "rss_after_start_mib", **rss_mib(node.pid), "load": load()})
         if args.baseline_tree is not None:
-            baseline_port, baseline_web = free_port(), free_port()
-            baseline = serve(write_config(folder / "node-baseline.toml", baseline_port, baseline_web, args),
-                             folder / "node-baseline.log", args.baseline_tree)
-            wait_for_port(baseline_port, baseline, folder / "node-baseline.log", time.monotonic())
-            wait_for_index(baseline_web, synthetic_uid(int(picks[0]) + 1), baseline)
+            figures += [{**base, **figure} for figure in paired_figures(
+                node, port, web_port, folder, args, [synthetic_uid(row + 1) for row in picks.tolist()])]
         similar_round_trip(port, synthetic_uid(int(picks[0]) + 1), True)  # warm-up: first association, page cache
         # Three clients on every study, taking turns at going first: a blocking one (as compiled viewers),
         # and pynetdicom's (which polls) with TCP_NODELAY and with Nagle's algorithm on.
@@ -386,21 +428,9 @@ def main() -> int:
         figures.append({**base, "figure": "similar_find_round_trip_ms_client_blocking_alone", "queries": len(ms),
                         **percentiles(ms), "max": round(float(ms.max()), 2),
                         "node_cpu_ms_per_query": round(node_cpu_ms, 2), "load": f"{load_before} -> {load()}"})
-        if baseline is not None:
-            uids = [synthetic_uid(row + 1) for row in picks.tolist()]
-            for figure, (ours, theirs) in {
-                    "paired_similar_find_ms_client_blocking": (blocking_ms(port), blocking_ms(baseline_port)),
-                    "paired_similar_http_json_ms_keep_alive": (http_similar(web_port), http_similar(baseline_web)),
-            }.items():
-                load_before = load()
-                by_node = paired({"node": (node, ours), "baseline": (baseline, theirs)}, uids)
-                figures.append({**base, "figure": figure, "queries": len(uids),
-                                **{f"{name}_{key}": value for name, values in by_node.items()
-                                   for key, value in values.items()},
-                                "load": f"{load_before} -> {load()}"})
         load_before = load()
-        http = http_similar(web_port)
-        ms = np.array([http(synthetic_uid(row + 1)) for row in picks.tolist()])
+        with http_similar(web_port) as http:
+            ms = np.array([http(synthetic_uid(row + 1)) for row in picks.tolist()])
         figures.append({**base, "figure": "similar_http_json_ms_keep_alive", "queries": len(ms), **percentiles(ms),
                         "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         load_before = load()
@@ -412,10 +442,8 @@ def main() -> int:
                         "queries": len(picks), "load": load()})
         figures.append({**base, "figure": "rss_after_queries_mib", **rss_mib(node.pid), "load": load()})
     finally:
-        for process in (node, baseline):
-            if process is not None:
-                process.terminate()
-                process.wait(timeout=300)
+        node.terminate()
+        node.wait(timeout=300)
     load_before = load()
     stages, stall = stage_times(config, vectors, picks.tolist())
     for stage, ms in stages.items():
