@@ -197,6 +197,8 @@ class VectorIndex:
                 return None
             index = cls(params, directory, capacity=1)
             _read_ahead(path)
+            # Into an index not initialised: hnswlib warns on stderr, at every start, when it replaces one.
+            index._index = hnswlib.Index(space="cosine", dim=params.dim)
             index._index.load_index(str(path), max_elements=0)
             index._index.set_ef(params.ef_search)
             index.seq = int(pointer["seq"])

@@ -43,7 +43,7 @@ def test_search_on_small_or_empty_index(tmp_path: Path) -> None:
     assert index.search(unit(0), 10)[0].tolist() == [1]
 
 
-def test_snapshot_load_and_catch_up(tmp_path: Path) -> None:
+def test_snapshot_load_and_catch_up(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     pks = []
     for i in range(3):
@@ -56,7 +56,9 @@ def test_snapshot_load_and_catch_up(tmp_path: Path) -> None:
     assert len(index) == 2 and index.seq == seq
     index.snapshot()
     catalog.set_study_vectors({pks[2]: (unit(2), np.zeros(14, np.float32))}, "v", pks[2:])
+    capfd.readouterr()
     reopened = VectorIndex.open(PARAMS, tmp_path / "index", catalog)
+    assert "Warning" not in capfd.readouterr().err  # hnswlib warns on stderr when it loads over an initialised index
     assert len(reopened) == 3
     assert reopened.search(unit(2), 1)[0].tolist() == [pks[2]]
     assert len(list((tmp_path / "index").glob("hnsw-*.bin"))) == 1
