@@ -273,8 +273,8 @@ def _find_catalog(event: Event, services: Services) -> Iterator[Answer]:
 
 def send_answers(event: Event, answers: Iterable[Dataset]) -> Generator[Answer, None, int]:
     """Send each answer to a C-FIND as a Pending response, its identifier written by `encode_identifier`; returns
-    how many were sent. Only a cancel is yielded to pynetdicom's C-FIND service, which then sends the final
-    response (Success, or Cancel), as it does after a handler's last answer.
+    how many were sent. Only what ends the C-FIND early (a cancel, an answer that cannot be encoded) is yielded to
+    pynetdicom's C-FIND service, which sends the final response (Success otherwise), as after a handler's last answer.
 
     The service would write each identifier it is given through pydicom, several times the CPU of the answer
     itself; the pending responses it would send are sent here instead, through the association's DIMSE provider,
