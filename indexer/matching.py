@@ -3,15 +3,17 @@
 Keys are keyword: value strings, a list of values joined by backslashes (``dicom_node.matching`` reads them
 from a request). Supported per key of QUERY_KEYS: universal (empty or *), single value, wildcard (* and ?),
 UID list and date/time range (A-B, -B, A-); and ModalitiesInStudy, a list of modalities. Keys below the
-query level are ignored. A single value matches as the database compares (exactly), a wildcard with LIKE
-(without regard to ASCII case in SQLite): a PN value matches as any text.
+query level are ignored. A single value matches as the database compares (exactly). A wildcard matches case
+included (PS3.4 C.2.2.2.4), except in a person's name (PN, where the standard leaves it to the implementation),
+which it matches without regard to case: `WildcardMatch`.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Select, and_, select, true
+from sqlalchemy import ColumnElement, Select, and_, select, true
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
 
 from indexer.schema import QUERY_KEYS, Instance, QueryKey, Series, Study, keys_down_to
@@ -25,8 +27,35 @@ def column(keyword: str) -> InstrumentedAttribute[Any]:
 
 
 def _like(pattern: str) -> str:
+    """A DICOM wildcard pattern as a LIKE pattern escaped with a backslash."""
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%").replace("?", "_")
+
+
+class WildcardMatch(ColumnElement[bool]):
+    """``column`` matches the DICOM wildcard ``pattern`` (``*`` any run of characters, ``?`` any one), case included.
+
+    SQL LIKE where it is case-sensitive (PostgreSQL); GLOB in SQLite, whose LIKE ignores ASCII case. GLOB, unlike
+    LIKE with an ESCAPE clause, is answered from the column's index when the pattern starts with a literal (a
+    prefix of a patient ID or an accession number); LIKE read the whole table (~170 ms a query at 100k studies)."""
+
+    inherit_cache = False  # its pattern is not part of a cache key: compiled anew each time
+    # No Boolean type: in a WHERE clause SQLite would get it compared with 1 ("... GLOB ? = 1"), which no index
+    # answers.
+
+    def __init__(self, column: InstrumentedAttribute[Any], pattern: str) -> None:
+        self.column, self.pattern = column, pattern
+
+
+@compiles(WildcardMatch)
+def _compile_like(match: WildcardMatch, compiler: Any, **kw: Any) -> str:
+    return compiler.process(match.column.like(_like(match.pattern), escape="\\"), **kw)
+
+
+@compiles(WildcardMatch, "sqlite")
+def _compile_glob(match: WildcardMatch, compiler: Any, **kw: Any) -> str:
+    # GLOB's wildcards are DICOM's; "[" opens a character class in GLOB and is matched as itself through one.
+    return compiler.process(match.column.op("GLOB", is_comparison=True)(match.pattern.replace("[", "[[]")), **kw)
 
 
 def _condition(key: QueryKey, attribute: InstrumentedAttribute[Any], value: str) -> Any:
@@ -43,7 +72,7 @@ def _condition(key: QueryKey, attribute: InstrumentedAttribute[Any], value: str)
         parts = ([attribute >= low] if low else []) + ([attribute <= high] if high else [])
         return and_(*parts)
     if "*" in value or "?" in value:
-        return attribute.like(_like(value), escape="\\")
+        return attribute.ilike(_like(value), escape="\\") if key.kind == "name" else WildcardMatch(attribute, value)
     return attribute == value
 
 

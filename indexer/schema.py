@@ -25,8 +25,9 @@ class QueryKey:
 
     level: str  # one of LEVELS: held in the studies, series or instances table
     column: str
-    # How it matches (indexer.matching): "uid" one UID or a list; "text" a single value or a wildcard (* ?);
-    # "date", "time" a single value or a range. PN values match as text.
+    # How it matches (indexer.matching): "uid" one UID or a list; "text" a single value or a wildcard (* ?), case
+    # included; "name" (PN) as text, except that a wildcard ignores case; "date", "time" a single value or a
+    # range.
     kind: str
     max_length: int  # the column's size; a longer received value is cut to it
     index: bool = False
@@ -41,7 +42,7 @@ class QueryKey:
 QUERY_KEYS: dict[str, QueryKey] = {
     "StudyInstanceUID": QueryKey("STUDY", "study_uid", "uid", 64, unique=True),
     "PatientID": QueryKey("STUDY", "patient_id", "text", 64, index=True),
-    "PatientName": QueryKey("STUDY", "patient_name", "text", 324),
+    "PatientName": QueryKey("STUDY", "patient_name", "name", 324),
     "PatientBirthDate": QueryKey("STUDY", "patient_birth_date", "date", 8),
     "PatientSex": QueryKey("STUDY", "patient_sex", "text", 16),
     "AccessionNumber": QueryKey("STUDY", "accession_number", "text", 16, index=True),
@@ -49,7 +50,7 @@ QUERY_KEYS: dict[str, QueryKey] = {
     "StudyTime": QueryKey("STUDY", "study_time", "time", 16),
     "StudyDescription": QueryKey("STUDY", "study_description", "text", 64),
     "StudyID": QueryKey("STUDY", "study_id", "text", 16),
-    "ReferringPhysicianName": QueryKey("STUDY", "referring_physician", "text", 324),
+    "ReferringPhysicianName": QueryKey("STUDY", "referring_physician", "name", 324),
     "PatientAge": QueryKey("STUDY", "patient_age", "text", 4),
     "SeriesInstanceUID": QueryKey("SERIES", "series_uid", "uid", 64, unique=True),
     "Modality": QueryKey("SERIES", "modality", "text", 16, index=True),

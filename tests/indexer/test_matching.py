@@ -12,6 +12,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy.dialects import postgresql
 from starlette.datastructures import QueryParams
 
 from dicom_node.identifiers import response
@@ -22,6 +23,7 @@ from dicom_node.status import Status
 from dicom_node.storage import FileStore
 from dicom_node.web.dicomweb import parse_query
 from indexer.catalog import Catalog
+from indexer.matching import build_query
 from indexer.schema import QUERY_KEYS
 from tests.dicom_node.builders import ROOT, dx_synthetic
 
@@ -82,14 +84,47 @@ def test_a_uid_list_of_separators_only_matches_as_a_universal_key(node: Node) ->
 
 
 def test_wildcards_and_case(node: Node) -> None:
-    """A single value matches exactly, case included; a wildcard goes through SQL LIKE, which SQLite applies
-    without regard to ASCII case (PN values too: there is no PN-specific matching)."""
+    """A single value matches exactly, case included. A wildcard matches case included (PS3.4 C.2.2.2.4), except
+    in a person's name (PN), where it ignores case."""
     assert studies(node, PatientName="Doe^John") == [STUDY_A]
     assert studies(node, PatientName="doe^john") == []
     assert studies(node, PatientName="doe*") == [STUDY_A, STUDY_B]
     assert studies(node, PatientName="?oe^*") == [STUDY_A, STUDY_B, STUDY_C]
+    assert studies(node, ReferringPhysicianName="*^ANNA") == [STUDY_A]
     assert studies(node, AccessionNumber="ACC_*") == [STUDY_B]  # _ and % are literal, not SQL wildcards
     assert studies(node, AccessionNumber="ACC%") == []
+    assert studies(node, AccessionNumber="ACC?") == [STUDY_A, STUDY_C]
+    assert studies(node, AccessionNumber="acc*") == []  # not a name: case included
+    assert studies(node, PatientID="p*") == []
+    assert studies(node, PatientID="P*") == [STUDY_A, STUDY_B, STUDY_C]
+
+
+def test_wildcards_match_glob_and_like_characters_as_themselves(tmp_path: Path) -> None:
+    """[, ], % and _ are characters of the value, whatever the database's own pattern syntax."""
+    node = Node(tmp_path)
+    node.receive(STUDY_A, "P[1]", "A%_1")
+    node.receive(STUDY_B, "P1", "A1")
+    assert studies(node, PatientID="P[1]*") == [STUDY_A] and studies(node, PatientID="P[1*") == [STUDY_A]
+    assert studies(node, PatientID="P[?]") == [STUDY_A] and studies(node, PatientID="P?") == [STUDY_B]
+    assert studies(node, AccessionNumber="A%_*") == [STUDY_A] and studies(node, AccessionNumber="A_*") == []
+    node.catalog.close()
+
+
+def test_wildcards_in_postgresql() -> None:
+    """LIKE there is case-sensitive: a wildcard goes through it, escaped; a name's through ILIKE."""
+    sql = str(build_query({"PatientID": "P_[1]*", "PatientName": "doe*"}, "STUDY").compile(
+        dialect=postgresql.psycopg.dialect(), compile_kwargs={"literal_binds": True}))
+    assert "studies.patient_id LIKE 'P\\_[1]%%' ESCAPE '\\'" in sql, sql
+    assert "studies.patient_name ILIKE 'doe%%' ESCAPE '\\'" in sql, sql
+
+
+def test_a_wildcard_with_a_literal_start_is_answered_from_the_index(node: Node) -> None:
+    """SQLite reads the patient ID index for P*, not the whole table (as it did with LIKE ... ESCAPE)."""
+    statement = build_query({"PatientID": "P*"}, "STUDY").compile(
+        dialect=node.catalog.engine.dialect, compile_kwargs={"literal_binds": True})
+    with sqlite3.connect(node.url.removeprefix("sqlite:///")) as database:
+        plan = " ".join(str(row[-1]) for row in database.execute(f"EXPLAIN QUERY PLAN {statement}"))
+    assert "USING INDEX ix_studies_patient_id (patient_id>? AND patient_id<?)" in plan, plan
 
 
 def test_date_and_time_ranges(node: Node) -> None:
