@@ -4,17 +4,18 @@ Keys are keyword: value strings, a list of values joined by backslashes (``dicom
 from a request). Supported per key of QUERY_KEYS: universal (empty or *), single value, wildcard (* and ?),
 UID list and date/time range (A-B, -B, A-); and ModalitiesInStudy, a list of modalities. Keys below the
 query level are ignored. A single value matches as the database compares (exactly). A wildcard matches case
-included (PS3.4 C.2.2.2.4), except in a person's name (PN, where the standard leaves it to the implementation),
-which it matches without regard to case: `WildcardMatch`.
+included (`WildcardMatch`, PS3.4 C.2.2.2.4), except in a person's name (PN, where the standard leaves it to the
+implementation), where it ignores case (ILIKE).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, select, true
+from sqlalchemy import ColumnElement, Select, and_, bindparam, select, true
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from indexer.schema import QUERY_KEYS, Instance, QueryKey, Series, Study, keys_down_to
 
@@ -35,27 +36,37 @@ def _like(pattern: str) -> str:
 class WildcardMatch(ColumnElement[bool]):
     """``column`` matches the DICOM wildcard ``pattern`` (``*`` any run of characters, ``?`` any one), case included.
 
-    SQL LIKE where it is case-sensitive (PostgreSQL); GLOB in SQLite, whose LIKE ignores ASCII case. GLOB, unlike
-    LIKE with an ESCAPE clause, is answered from the column's index when the pattern starts with a literal (a
-    prefix of a patient ID or an accession number); LIKE read the whole table (~170 ms a query at 100k studies)."""
+    SQL LIKE where it is case-sensitive (PostgreSQL); GLOB in SQLite, whose LIKE ignores ASCII case and so cannot
+    use the column's index: it read the whole table (~170 ms a query at 100k studies). GLOB is answered from the
+    index when the pattern starts with a literal (a prefix of a patient ID or an accession number). Both patterns
+    are bound parameters, so that a statement with a wildcard is compiled once and cached like any other."""
 
-    inherit_cache = False  # its pattern is not part of a cache key: compiled anew each time
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
+                           ("like", InternalTraversal.dp_clauseelement),
+                           ("glob", InternalTraversal.dp_clauseelement)]
     # No Boolean type: in a WHERE clause SQLite would get it compared with 1 ("... GLOB ? = 1"), which no index
     # answers.
 
     def __init__(self, column: InstrumentedAttribute[Any], pattern: str) -> None:
-        self.column, self.pattern = column, pattern
+        self.column = column.expression
+        self.like = bindparam(None, _like(pattern), unique=True)
+        # GLOB's wildcards are DICOM's; "[" opens a character class in GLOB and is matched as itself through one.
+        self.glob = bindparam(None, pattern.replace("[", "[[]"), unique=True)
+
+    @property
+    def _from_objects(self) -> list[Any]:
+        return self.column._from_objects
 
 
 @compiles(WildcardMatch)
 def _compile_like(match: WildcardMatch, compiler: Any, **kw: Any) -> str:
-    return compiler.process(match.column.like(_like(match.pattern), escape="\\"), **kw)
+    return compiler.process(match.column.like(match.like, escape="\\"), **kw)
 
 
 @compiles(WildcardMatch, "sqlite")
 def _compile_glob(match: WildcardMatch, compiler: Any, **kw: Any) -> str:
-    # GLOB's wildcards are DICOM's; "[" opens a character class in GLOB and is matched as itself through one.
-    return compiler.process(match.column.op("GLOB", is_comparison=True)(match.pattern.replace("[", "[[]")), **kw)
+    return compiler.process(match.column.op("GLOB", is_comparison=True)(match.glob), **kw)
 
 
 def _condition(key: QueryKey, attribute: InstrumentedAttribute[Any], value: str) -> Any:

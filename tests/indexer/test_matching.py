@@ -119,11 +119,13 @@ def test_wildcards_in_postgresql() -> None:
 
 
 def test_a_wildcard_with_a_literal_start_is_answered_from_the_index(node: Node) -> None:
-    """SQLite reads the patient ID index for P*, not the whole table (as it did with LIKE ... ESCAPE)."""
-    statement = build_query({"PatientID": "P*"}, "STUDY").compile(
-        dialect=node.catalog.engine.dialect, compile_kwargs={"literal_binds": True})
+    """SQLite reads the patient ID index for P*, its pattern a bound parameter as the catalog sends it, not the whole
+    table (as it did with a LIKE, which ignores case where the index does not)."""
+    statement = build_query({"PatientID": "P*"}, "STUDY").compile(dialect=node.catalog.engine.dialect)
+    parameters = [statement.params[name] for name in statement.positiontup or ()]
+    assert parameters == ["P*"]
     with sqlite3.connect(node.url.removeprefix("sqlite:///")) as database:
-        plan = " ".join(str(row[-1]) for row in database.execute(f"EXPLAIN QUERY PLAN {statement}"))
+        plan = " ".join(str(row[-1]) for row in database.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
     assert "USING INDEX ix_studies_patient_id (patient_id>? AND patient_id<?)" in plan, plan
 
 
