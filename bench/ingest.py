@@ -5,8 +5,11 @@ For each round, image size (8 MB: 2048x2048 16-bit DX; 0.5 MB: 512x512) and numb
 (1, one per core, 4), it writes a fresh set of files (new UIDs, same bytes: the node acknowledges a UID it already
 holds without writing it again), then times storescu to the node (and, with --baseline-tree, to a second node
 served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
-of the same bytes into the node's data dir's file system: as plain files, and as the node lays out new studies
-(``durable_writes``: the least a receiver keeping them durably in that layout must do). It reads each node's CPU
+of the same bytes into the node's data dir's file system: as plain files, as the node lays out new studies, and
+as the node lays them out with a catalog row committed for each (``durable_writes``; the last, disk_floor, is the
+least a receiver answering success only once the image is on disk and in its catalog must do, with no DICOM and no
+catalog code: floor_vs_storescp is the most such a receiver can reach against storescp on this machine, and
+floor_vs_one_writer what parallel writers gain on this disk). It reads each node's CPU
 time per image over its storescu run (its receiver processes' included), storescu's own CPU time per image (on one
 machine the senders share the node's cores) and the CPU time per image charged to this process by the plain writes
 with fsync (the kernel's work for a durable write is CPU time too; write-back and journal commits done by the
@@ -28,12 +31,15 @@ import json
 import os
 import resource
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -80,29 +86,45 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[
     return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
-def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool = False) -> tuple[float, float]:
+def durable_writes(folder: Path, files: list[Path], parallel: int, kind: str = "plain") -> tuple[float, float]:
     """(seconds, CPU seconds charged to this process, the kernel's work in its threads included) to write each file's
-    bytes durably (``parallel`` writers): to a new file with fsync, or with ``layout`` as the node keeps an instance
-    of a new study (without its catalog row): written and fsynced in an incoming
-    folder, renamed into new study and series folders, then the series folder, the study folder and the root
-    fsynced."""
+    bytes durably (``parallel`` writers). ``kind``: "plain", to a new file with fsync; "layout", as the node keeps an
+    instance of a new study (without its catalog row): written and fsynced in an incoming folder, renamed into new
+    study and series folders, then the series folder, the study folder and the root fsynced; "floor", the layout and
+    then a row committed to a SQLite database in WAL mode with full fsync, as the node's catalog is: the least a
+    receiver must do before answering success with the node's durability, with no DICOM and no catalog code."""
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "incoming").mkdir(parents=True)
     payloads = [(folder / f.name, f.read_bytes()) for f in files]
+    database = folder / "floor.sqlite3"
+    if kind == "floor":
+        with closing(sqlite3.connect(database)) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("CREATE TABLE instance (uid TEXT PRIMARY KEY, path TEXT)")
+    connections = threading.local()
+    opened: list[sqlite3.Connection] = []
 
     def write(item: tuple[Path, bytes]) -> None:
         path, data = item
-        written = folder / "incoming" / path.name if layout else path
+        written = folder / "incoming" / path.name if kind != "plain" else path
         with written.open("wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if layout:
-            series = folder / path.stem / "series"
-            series.mkdir(parents=True)
-            os.replace(written, series / path.name)
-            for directory in (series, series.parent, folder):
-                fsync_directory(directory)
+        if kind == "plain":
+            return
+        series = folder / path.stem / "series"
+        series.mkdir(parents=True)
+        os.replace(written, series / path.name)
+        for directory in (series, series.parent, folder):
+            fsync_directory(directory)
+        if kind == "floor":
+            if not hasattr(connections, "catalog"):
+                connections.catalog = sqlite3.connect(database, timeout=60, check_same_thread=False)
+                connections.catalog.execute("PRAGMA synchronous=FULL")
+                opened.append(connections.catalog)
+            with connections.catalog:
+                connections.catalog.execute("INSERT INTO instance VALUES (?, ?)", (path.stem, str(series / path.name)))
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -110,6 +132,8 @@ def durable_writes(folder: Path, files: list[Path], parallel: int, layout: bool 
         list(pool.map(write, payloads))
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
+    for connection in opened:
+        connection.close()
     shutil.rmtree(folder)
     return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
@@ -208,9 +232,10 @@ def main() -> int:
                     timings["disk_fsync"], disk_cpu = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files,
                                                                      parallel)
                     fsync_cpu.setdefault((size, parallel), []).append(disk_cpu * 1000 / count)
-                    os.sync()
-                    timings["disk_layout"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files, parallel,
-                                                            layout=True)[0]
+                    for kind in ("layout", "floor"):
+                        os.sync()
+                        timings[f"disk_{kind}"] = durable_writes(folder / "mmdl-node-data" / "fsync-bench", files,
+                                                                 parallel, kind)[0]
                     for target, seconds in timings.items():
                         rates.setdefault((size, parallel, target), []).append(count / seconds)
     finally:
@@ -220,7 +245,7 @@ def main() -> int:
     shutil.rmtree(folder / "files", ignore_errors=True)
 
     rows = []
-    targets = [*nodes, "storescp", "disk_fsync", "disk_layout"]
+    targets = [*nodes, "storescp", "disk_fsync", "disk_layout", "disk_floor"]
     for size in SIZES:
         for parallel in PARALLEL:
             median = {t: statistics.median(rates[(size, parallel, t)]) for t in targets}
@@ -236,6 +261,9 @@ def main() -> int:
                       "node_vs_disk_layout": round(median["mmdl-node"] / median["disk_layout"], 2),
                       "node_vs_one_association": round(
                           median["mmdl-node"] / statistics.median(rates[(size, 1, "mmdl-node")]), 2),
+                      "floor_vs_storescp": round(median["disk_floor"] / median["storescp"], 2),
+                      "floor_vs_one_writer": round(
+                          median["disk_floor"] / statistics.median(rates[(size, 1, "disk_floor")]), 2),
                       "all_rounds": {t: [round(r, 1) for r in rates[(size, parallel, t)]] for t in median},
                       "load_at_round_start": loads[(size, parallel)]}
             print(json.dumps(figure))
@@ -244,7 +272,8 @@ def main() -> int:
           + ", ".join(f"{name} {receivers[name]}" for name in nodes) + "\n")
     columns = [*(f"{t}_per_s" for t in targets), *(f"{name}_cpu_ms_per_image" for name in nodes),
                "storescu_cpu_ms_per_image", "disk_fsync_cpu_ms_per_image", "node_vs_storescp",
-               "node_vs_disk", "node_vs_disk_layout", "node_vs_one_association"]
+               "node_vs_disk", "node_vs_disk_layout", "node_vs_one_association", "floor_vs_storescp",
+               "floor_vs_one_writer"]
     print("| size | assocs | " + " | ".join(columns) + " | load at start |")
     print("| --- " * (len(columns) + 3) + "|")
     for r in rows:
