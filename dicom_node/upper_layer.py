@@ -54,11 +54,14 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.command_sets import EncodingDIMSE, file_header
+from indexer.durable import start_write_back
 
 LOG = logging.getLogger(__name__)
 
 # How often, at the longest, the reactors look at their timers (ARTIM, network idle, DIMSE).
 TIMER_CHECK_S = 0.1
+# How much of a data set arrives between two requests to the kernel to start writing it to disk (`StoreReceiving`).
+WRITE_BACK_BYTES = 1 << 20
 
 _P_DATA_TF = 0x04
 _COMMAND, _LAST = 0x01, 0x02  # message control header bits of a PDV (PS3.8 E.2)
@@ -90,6 +93,7 @@ class StoreReceiving:
     def __init__(self, dul: WaitingDUL) -> None:
         self.dul = dul
         self._store: C_STORE_RQ | None = None  # the C-STORE request whose data set is arriving
+        self._not_written_back = 0  # bytes of its data set written to the file since write-back was last started
 
     def takes_next_pdu(self) -> bool:
         """Whether the PDU waiting in the socket is a P-DATA-TF of an established association, read here."""
@@ -131,7 +135,7 @@ class StoreReceiving:
                 LOG.warning("a command set arrived before the data set of the C-STORE request before it ended")
                 dul.event_queue.put("Evt19")  # invalid PDU: A-P-ABORT (the partial file is left to housekeeping)
             else:
-                cast(Any, self._store._data_set_file).write(value)
+                self._write(value)
                 if control & _LAST:
                     self._serve_store()
             if not dul.event_queue.empty():  # an error event (17, 19), here or in pynetdicom: the rest is dropped
@@ -166,6 +170,17 @@ class StoreReceiving:
             offset = end
         return values or None
 
+    def _write(self, fragment: memoryview) -> None:
+        """Append a fragment of the data set to its file; every `WRITE_BACK_BYTES` the kernel is asked to start
+        writing what has arrived to disk, so that the fsync before the answer waits for the last part only."""
+        handle = cast(Any, cast(C_STORE_RQ, self._store)._data_set_file)
+        handle.write(fragment)
+        self._not_written_back += len(fragment)
+        if self._not_written_back >= WRITE_BACK_BYTES:
+            handle.flush()
+            start_write_back(handle.fileno())
+            self._not_written_back = 0
+
     def _start_store(self, context_id: int, encoded: memoryview) -> None:
         """Open the file of a C-STORE request's data set, or give the request to pynetdicom when the node does not
         take its command set or its SOP class is not a storage class (pynetdicom then judges it)."""
@@ -184,7 +199,7 @@ class StoreReceiving:
         handle = NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")  # as pynetdicom: in tempfile's folder
         handle.write(header)
         message._data_set_file, message._data_set_path = cast(Any, handle), Path(handle.name)
-        self._store = message
+        self._store, self._not_written_back = message, 0
 
     def _serve_store(self) -> None:
         message, self._store = cast(C_STORE_RQ, self._store), None

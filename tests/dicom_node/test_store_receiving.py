@@ -24,6 +24,7 @@ from bench.dicom_client import associate, read_pdu, release
 from dicom_node.command_sets import command_set
 from dicom_node.server import Node
 from dicom_node.status import Status
+from dicom_node.upper_layer import WRITE_BACK_BYTES
 from tests.dicom_node.builders import dx_synthetic
 from tests.helpers import wait_until
 
@@ -115,6 +116,26 @@ def test_any_cut_of_a_store_is_kept_byte_for_byte_between_echoes(start_node: Cal
         assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert meta.TransferSyntaxUID == ImplicitVRLittleEndian
         assert len(kept) == 132 + 12 + meta.FileMetaInformationGroupLength + len(sent)
+
+
+def test_a_data_set_written_back_while_it_arrives_is_kept_byte_for_byte(start_node: Callable[..., Node]) -> None:
+    # 2.9 MB in 16 KiB fragments, one to a PDU as dcmtk sends them: the kernel is asked to start writing the file
+    # to disk twice while it arrives, between fragments, before the fsync that precedes the answer
+    node = start_node(scheduler={"interval_s": 3600})
+    ds = dx_synthetic(generate_uid(), "PAT9", "ACC9", size=1200, seed=9)
+    sent = encode(ds, True, True)
+    assert len(sent) > 2 * WRITE_BACK_BYTES
+    sock = associate("127.0.0.1", node.port, "MMDL_NODE", DX)
+    try:
+        sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, store_command(1, ds))))
+        for start in range(0, len(sent), 16384):
+            last = _LAST if start + 16384 >= len(sent) else 0
+            sock.sendall(p_data_tf(pdv(STORE_CONTEXT, last, sent[start:start + 16384])))
+        assert response_status(sock) == Status.SUCCESS
+    finally:
+        release(sock)
+    [(_, path, _, _)] = node.catalog.matching_instances({"StudyInstanceUID": ds.StudyInstanceUID}, "STUDY")
+    assert node.store.absolute(path).read_bytes().endswith(sent)
 
 
 def test_a_command_inside_a_data_set_aborts_and_stores_nothing(start_node: Callable[..., Node]) -> None:
