@@ -1,4 +1,4 @@
-"""Durable file operations shared by the file store and the index snapshots."""
+"""Durable file operations shared by the file store, the C-STORE receive path and the index snapshots."""
 from __future__ import annotations
 
 import ctypes
