@@ -7,9 +7,9 @@ holds without writing it again), then times storescu to the node (and, with --ba
 served from an earlier checkout, the two taking turns at going first), storescu to storescp, and writing + fsync
 of the same bytes into the node's data dir's file system: as plain files, as the node lays out new studies, and
 as the node lays them out with a catalog row committed for each (``durable_writes``; the last, disk_floor, is the
-least a receiver answering success only once the image is on disk and in its catalog must do, with no DICOM and no
-catalog code: floor_vs_storescp is the most such a receiver can reach against storescp on this machine, and
-floor_vs_one_writer what parallel writers gain on this disk). It reads each node's CPU
+least a receiver keeping the node's layout and committing a catalog row per image must do before it answers
+success, with no DICOM and no catalog code: floor_vs_storescp is the most such a receiver can reach against
+storescp on this machine, and floor_vs_one_writer what parallel writers gain on this disk). It reads each node's CPU
 time per image over its storescu run (its receiver processes' included), storescu's own CPU time per image (on one
 machine the senders share the node's cores) and the CPU time per image charged to this process by the plain writes
 with fsync (the kernel's work for a durable write is CPU time too; write-back and journal commits done by the
@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -86,13 +87,15 @@ def storescu(port: int, called: str, files: list[Path], parallel: int) -> tuple[
     return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
-def durable_writes(folder: Path, files: list[Path], parallel: int, kind: str = "plain") -> tuple[float, float]:
+def durable_writes(folder: Path, files: list[Path], parallel: int,
+                   kind: Literal["plain", "layout", "floor"] = "plain") -> tuple[float, float]:
     """(seconds, CPU seconds charged to this process, the kernel's work in its threads included) to write each file's
     bytes durably (``parallel`` writers). ``kind``: "plain", to a new file with fsync; "layout", as the node keeps an
     instance of a new study (without its catalog row): written and fsynced in an incoming folder, renamed into new
     study and series folders, then the series folder, the study folder and the root fsynced; "floor", the layout and
     then a row committed to a SQLite database in WAL mode with full fsync, as the node's catalog is: the least a
-    receiver must do before answering success with the node's durability, with no DICOM and no catalog code."""
+    receiver keeping the node's layout and a commit per image must do before answering success, with no DICOM and
+    no catalog code."""
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "incoming").mkdir(parents=True)
     payloads = [(folder / f.name, f.read_bytes()) for f in files]

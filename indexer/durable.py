@@ -12,7 +12,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing out the range's dirty 
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """The C library's sync_file_range (Linux), or None where it has none."""
     try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+        function = ctypes.CDLL(None).sync_file_range
     except (AttributeError, OSError):
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)

@@ -5,11 +5,13 @@ a command set inside a data set ends the association at once, without storing an
 class that is not a storage class is aborted as pynetdicom aborts it."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Callable
 from io import BytesIO
 
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
@@ -24,7 +26,9 @@ from bench.dicom_client import associate, read_pdu, release
 from dicom_node.command_sets import command_set
 from dicom_node.server import Node
 from dicom_node.status import Status
+from dicom_node import upper_layer
 from dicom_node.upper_layer import WRITE_BACK_BYTES
+from indexer.durable import start_write_back
 from tests.dicom_node.builders import dx_synthetic
 from tests.helpers import wait_until
 
@@ -118,24 +122,38 @@ def test_any_cut_of_a_store_is_kept_byte_for_byte_between_echoes(start_node: Cal
         assert len(kept) == 132 + 12 + meta.FileMetaInformationGroupLength + len(sent)
 
 
-def test_a_data_set_written_back_while_it_arrives_is_kept_byte_for_byte(start_node: Callable[..., Node]) -> None:
-    # 2.9 MB in 16 KiB fragments, one to a PDU as dcmtk sends them: the kernel is asked to start writing the file
-    # to disk twice while it arrives, between fragments, before the fsync that precedes the answer
+def test_a_data_set_written_back_while_it_arrives_is_kept_byte_for_byte(
+        start_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2.9 MB in 4,000-byte fragments, one to a PDU (each smaller than the file's write buffer): each time a MiB
+    # more has arrived, all of it is flushed to the file and the kernel asked to start writing it to disk; the fsync
+    # before the answer follows
+    sizes = []
+
+    def recording(fd: int) -> bool:
+        sizes.append(os.fstat(fd).st_size)
+        return start_write_back(fd)
+
+    monkeypatch.setattr(upper_layer, "start_write_back", recording)
     node = start_node(scheduler={"interval_s": 3600})
     ds = dx_synthetic(generate_uid(), "PAT9", "ACC9", size=1200, seed=9)
     sent = encode(ds, True, True)
-    assert len(sent) > 2 * WRITE_BACK_BYTES
+    fragment = 4000
+    step = -(-WRITE_BACK_BYTES // fragment) * fragment  # the first whole number of fragments reaching a MiB
+    assert 2 * step < len(sent) < 3 * step
     sock = associate("127.0.0.1", node.port, "MMDL_NODE", DX)
     try:
         sock.sendall(p_data_tf(pdv(STORE_CONTEXT, _COMMAND | _LAST, store_command(1, ds))))
-        for start in range(0, len(sent), 16384):
-            last = _LAST if start + 16384 >= len(sent) else 0
-            sock.sendall(p_data_tf(pdv(STORE_CONTEXT, last, sent[start:start + 16384])))
+        for start in range(0, len(sent), fragment):
+            last = _LAST if start + fragment >= len(sent) else 0
+            sock.sendall(p_data_tf(pdv(STORE_CONTEXT, last, sent[start:start + fragment])))
         assert response_status(sock) == Status.SUCCESS
     finally:
         release(sock)
     [(_, path, _, _)] = node.catalog.matching_instances({"StudyInstanceUID": ds.StudyInstanceUID}, "STUDY")
-    assert node.store.absolute(path).read_bytes().endswith(sent)
+    kept = node.store.absolute(path).read_bytes()
+    assert kept.endswith(sent)
+    header = len(kept) - len(sent)  # preamble and file meta
+    assert sizes == [header + step, header + 2 * step]
 
 
 def test_a_command_inside_a_data_set_aborts_and_stores_nothing(start_node: Callable[..., Node]) -> None:

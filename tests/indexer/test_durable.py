@@ -3,18 +3,20 @@ one."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+import pytest
 
 from indexer.durable import start_write_back
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux's; elsewhere the hint is never taken")
 def test_write_back_is_started_on_a_file_and_refused_quietly_on_a_pipe(tmp_path: Path) -> None:
     with (tmp_path / "received.dcm").open("wb") as handle:
         handle.write(b"\0" * (1 << 20))
         handle.flush()
         assert start_write_back(handle.fileno())
-        os.fsync(handle.fileno())
-    assert (tmp_path / "received.dcm").stat().st_size == 1 << 20
     reader, writer = os.pipe()
     try:
         assert not start_write_back(reader)
