@@ -23,10 +23,10 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation as DX
 from pynetdicom.sop_class import Verification
 
 from bench.dicom_client import associate, read_pdu, release
+from dicom_node import upper_layer
 from dicom_node.command_sets import command_set
 from dicom_node.server import Node
 from dicom_node.status import Status
-from dicom_node import upper_layer
 from dicom_node.upper_layer import WRITE_BACK_BYTES
 from indexer.durable import start_write_back
 from tests.dicom_node.builders import dx_synthetic
@@ -127,7 +127,7 @@ def test_a_data_set_written_back_while_it_arrives_is_kept_byte_for_byte(
     # 2.9 MB in 4,000-byte fragments, one to a PDU (each smaller than the file's write buffer): each time a MiB
     # more has arrived, all of it is flushed to the file and the kernel asked to start writing it to disk; the fsync
     # before the answer follows
-    sizes = []
+    sizes: list[int] = []
 
     def recording(fd: int) -> bool:
         sizes.append(os.fstat(fd).st_size)
