@@ -423,7 +423,8 @@ def main() -> int:
                             **percentiles(ms),
                             "max": round(float(ms.max()), 2), "load": f"{load_before} -> {load()}"})
         load_before, cpu_before = load(), cpu_seconds(node.pid)
-        ms = np.array([blocking_round_trip(port, synthetic_uid(row + 1))[0] for row in picks.tolist()]) * 1000
+        alone = blocking_ms(port)
+        ms = np.array([alone(synthetic_uid(row + 1)) for row in picks.tolist()])
         node_cpu_ms = (cpu_seconds(node.pid) - cpu_before) * 1000 / len(ms)
         figures.append({**base, "figure": "similar_find_round_trip_ms_client_blocking_alone", "queries": len(ms),
                         **percentiles(ms), "max": round(float(ms.max()), 2),
